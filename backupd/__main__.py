@@ -1,0 +1,3 @@
+from backupd.cli import main
+
+main()

@@ -1,0 +1,136 @@
+"""`backupd backup`: snapshot, check, compress, encrypt, store and commit one backup."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import filelock
+import structlog
+
+from backupd import __version__, source
+from backupd import manifest as mf
+from backupd.config import Config
+from backupd.errors import BusyError, IntegrityError, UsageError
+from backupd.manifest import Manifest
+from backupd.pipeline import Counter, ObservedWriter, copy_stream, pack
+from backupd.storage.local import LocalStorage, ensure_dir
+
+log = structlog.get_logger("backupd.backup")
+LOCK_NAME = ".backupd.lock"
+MAX_TAG = 128
+
+
+@contextlib.contextmanager
+def backup_lock(directory: Path) -> Iterator[None]:
+    """One writer per backup directory. flock: released by the kernel if the holder dies."""
+    ensure_dir(directory)
+    lock = filelock.FileLock(directory / LOCK_NAME, timeout=0, mode=0o600)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise BusyError(f"another backup is running (lock {directory / LOCK_NAME})") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def clean_leftovers(storage: LocalStorage) -> None:
+    """Remove temp files and artifacts without a manifest: crashed writes. Call under the lock."""
+    orphans = storage.list().orphans
+    if orphans:
+        result = storage.delete_orphans(o.name for o in orphans)
+        log.info("leftovers_removed", files=result.deleted, failed=result.failed or None)
+
+
+def next_id(now: datetime, latest: Manifest | None) -> tuple[str, datetime]:
+    """A new id that sorts after every existing one, even when the clock went backwards."""
+    moment = now.replace(microsecond=0)
+    if latest is not None:
+        floor = mf.id_time(latest.id) + timedelta(seconds=1)
+        if moment < floor:
+            log.warning("clock_behind_latest_backup", now=mf.format_time(now),
+                        latest=latest.id, using=mf.format_time(floor))
+            moment = floor
+    return mf.new_id(moment), moment
+
+
+def anomalies(keys: int, raw_size: int, previous: Manifest | None) -> list[str]:
+    """Signs that Redis lost its data: a backup is kept anyway, but nobody should miss this."""
+    warnings = []
+    if keys == 0:
+        warnings.append("the backup has 0 keys")
+    if previous is not None and raw_size < previous.raw_size / 2:
+        warnings.append(f"the backup is under half the size of the previous one "
+                        f"({raw_size} vs {previous.raw_size} bytes, {previous.id})")
+    return warnings
+
+
+def check_tag(tag: str) -> str:
+    if len(tag) > MAX_TAG or not tag.isprintable():
+        raise UsageError(f"--tag must be printable text of at most {MAX_TAG} characters")
+    return tag
+
+
+def run_backup(config: Config, *, trigger: str = "manual", tag: str = "",
+               env: Mapping[str, str] | None = None) -> Manifest:
+    """Take one backup into the local directory; returns its committed manifest."""
+    started = time.monotonic()
+    check_tag(tag)
+    storage = LocalStorage(Path(config.backup.dir))
+    with backup_lock(storage.dir):
+        clean_leftovers(storage)
+        existing = storage.list().manifests
+        previous = existing[0] if existing else None
+        client = source.connect(config.redis, env)
+        try:
+            with source.snapshot(client, config.redis, storage.dir) as snap:
+                backup_id, moment = next_id(mf.now_utc(), previous)
+                encrypted = bool(config.backup.age_recipients)
+                name = mf.artifact_name(backup_id, config.backup.compression, encrypted)
+                log.info("snapshot_ready", id=backup_id, path=str(snap.path), raw_size=snap.size)
+                packed = pack(snap.file, storage.dir / name,
+                              compression=config.backup.compression,
+                              level=config.backup.compression_level,
+                              recipients=config.backup.age_recipients)
+        finally:
+            client.close()
+        manifest = Manifest(
+            id=backup_id, created_at=mf.format_time(moment), trigger=trigger, tag=tag,
+            redis=snap.server.facts, rdb_version=packed.rdb.version,
+            rdb_checksum=packed.rdb.checksum, keys=snap.server.keys,
+            keys_per_db=snap.server.keys_per_db, raw_size=packed.raw.size,
+            raw_sha256=packed.raw.sha256, stored_size=packed.stored.size,
+            stored_sha256=packed.stored.sha256, compression=config.backup.compression,
+            encryption="age" if encrypted else "none", artifact=name,
+            age_recipients=list(config.backup.age_recipients),
+            duration_s=round(time.monotonic() - started, 3), backupd_version=__version__,
+            warnings=anomalies(snap.server.keys, packed.raw.size, previous),
+            upload="pending" if config.s3.enabled else "none",
+        )
+        _check_stored(storage, manifest)
+        storage.write_manifest(manifest)
+    for warning in manifest.warnings:
+        log.warning("backup_anomaly", id=manifest.id, warning=warning)
+    log.info("backup_done", id=manifest.id, keys=manifest.keys, raw_size=manifest.raw_size,
+             stored_size=manifest.stored_size,
+             ratio=round(manifest.raw_size / max(manifest.stored_size, 1), 2),
+             duration_s=manifest.duration_s, rdb_checksum=manifest.rdb_checksum)
+    return manifest
+
+
+def _check_stored(storage: LocalStorage, manifest: Manifest) -> None:
+    """Read the artifact back: what is on disk must be what was written."""
+    counter = Counter()
+    with storage.open_artifact(manifest) as fh:
+        copy_stream(fh, ObservedWriter(None, counter))
+    got = counter.digest()
+    if (got.size, got.sha256) != (manifest.stored_size, manifest.stored_sha256):
+        storage.artifact_path(manifest).unlink(missing_ok=True)
+        raise IntegrityError(f"the artifact {manifest.artifact} read back differs from what "
+                             "was written (disk or filesystem fault); it was removed")
+

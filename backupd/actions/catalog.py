@@ -1,0 +1,85 @@
+"""Which backups exist where: storages by location, and listings merged by id."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backupd import manifest as mf
+from backupd.config import Config
+from backupd.errors import IntegrityError, StorageError, UsageError
+from backupd.manifest import Manifest
+from backupd.storage.base import Listing, Storage
+from backupd.storage.local import LocalStorage
+
+LOCATIONS = ("local", "s3", "all")
+
+
+def storages(config: Config, location: str = "all",
+             env: Mapping[str, str] | None = None) -> list[Storage]:
+    """The backends named by `--location`, local first."""
+    if location not in LOCATIONS:
+        raise UsageError(f"unknown location {location!r} (expected local, s3 or all)")
+    chosen: list[Storage] = []
+    if location in ("local", "all"):
+        chosen.append(LocalStorage(Path(config.backup.dir)))
+    if location in ("s3", "all") and config.s3.enabled:
+        from backupd.storage.s3 import S3Storage
+
+        chosen.append(S3Storage(config.s3, env))
+    if location == "s3" and not config.s3.enabled:
+        raise UsageError("--location s3 needs s3.bucket to be set in the configuration")
+    return chosen
+
+
+@dataclass
+class Entry:
+    manifest: Manifest
+    locations: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "id": m.id, "created_at": m.created_at, "trigger": m.trigger, "tag": m.tag,
+            "keys": m.keys, "raw_size": m.raw_size, "stored_size": m.stored_size,
+            "rdb_version": m.rdb_version, "redis_version": m.redis.version,
+            "compression": m.compression, "encryption": m.encryption,
+            "locations": self.locations, "upload": m.upload, "warnings": m.warnings,
+        }
+
+
+@dataclass
+class Catalog:
+    entries: list[Entry]
+    listings: dict[str, Listing]
+
+    def find(self, selector: str) -> Entry:
+        """`latest` or an exact id."""
+        if not self.entries:
+            raise StorageError("there are no backups yet")
+        if selector == "latest":
+            return self.entries[0]
+        mf.check_id(selector)
+        for entry in self.entries:
+            if entry.manifest.id == selector:
+                return entry
+        for name, listing in self.listings.items():
+            if selector in listing.broken:
+                raise IntegrityError(f"backup {selector} in {name} is corrupt: "
+                                     f"{listing.broken[selector]}")
+        raise StorageError(f"backup {selector} does not exist")
+
+
+def catalog(chosen: list[Storage]) -> Catalog:
+    merged: dict[str, Entry] = {}
+    listings: dict[str, Listing] = {}
+    for storage in chosen:
+        listing = storage.list()
+        listings[storage.name] = listing
+        for manifest in listing.manifests:
+            entry = merged.setdefault(manifest.id, Entry(manifest))
+            entry.locations.append(storage.name)
+    entries = sorted(merged.values(), key=lambda e: e.manifest.id, reverse=True)
+    return Catalog(entries, listings)

@@ -1,0 +1,117 @@
+"""`backupd verify`: prove a stored backup is intact, as far as the given keys allow."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+
+from backupd.errors import IntegrityError, StorageError
+from backupd.manifest import Manifest
+from backupd.pipeline import Counter, ObservedWriter, copy_stream, unpack
+from backupd.rdb import max_rdb_version
+from backupd.storage.base import Storage
+
+log = structlog.get_logger("backupd.verify")
+CHECK_TIMEOUT = 600.0
+
+
+@dataclass
+class Outcome:
+    backup_id: str
+    location: str
+    problems: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(storage: Storage, manifest: Manifest, *, identities: Sequence[Any] = (),
+           deep: bool = False, redis_check_rdb: str = "redis-check-rdb",
+           scratch_dir: Path | None = None) -> Outcome:
+    """Recompute every checksum the keys allow; `deep` also runs redis-check-rdb."""
+    outcome = Outcome(manifest.id, storage.name)
+    can_unpack = not manifest.encrypted or bool(identities)
+    try:
+        with storage.open_artifact(manifest) as stored:
+            if not can_unpack:
+                counter = Counter()
+                copy_stream(stored, ObservedWriter(None, counter))
+                _compare(outcome, "stored", (counter.size, counter.digest().sha256),
+                         (manifest.stored_size, manifest.stored_sha256))
+                outcome.notes.append("encrypted: RDB CRC not checked (give --identity-file)")
+                return outcome
+            with _scratch(deep, scratch_dir) as sink:
+                result = unpack(stored, sink, compression=manifest.compression,
+                                encrypted=manifest.encrypted, identities=identities)
+                _compare(outcome, "stored", (result.stored.size, result.stored.sha256),
+                         (manifest.stored_size, manifest.stored_sha256))
+                _compare(outcome, "raw", (result.raw.size, result.raw.sha256),
+                         (manifest.raw_size, manifest.raw_sha256))
+                if result.rdb.version != manifest.rdb_version:
+                    outcome.problems.append(f"RDB version {result.rdb.version} differs from the "
+                                            f"manifest's {manifest.rdb_version}")
+                outcome.checked.append(f"rdb-crc:{result.rdb.checksum}")
+                if deep and sink is not None and outcome.ok:
+                    sink.flush()
+                    _check_rdb(outcome, Path(sink.name), manifest.rdb_version, redis_check_rdb)
+    except IntegrityError as exc:
+        outcome.problems.append(str(exc))
+    except StorageError as exc:
+        outcome.problems.append(f"cannot read the artifact: {exc}")
+    return outcome
+
+
+def _compare(outcome: Outcome, what: str, got: tuple[int, str], want: tuple[int, str]) -> None:
+    outcome.checked.append(f"{what}-sha256")
+    if got != want:
+        outcome.problems.append(f"{what} SHA-256/size mismatch: manifest says {want[1][:12]}… "
+                                f"({want[0]} bytes), got {got[1][:12]}… ({got[0]} bytes)")
+
+
+@contextlib.contextmanager
+def _scratch(wanted: bool, directory: Path | None) -> Iterator[IO[bytes] | None]:
+    """A temp file for the raw RDB when redis-check-rdb needs one; nothing otherwise."""
+    if not wanted:
+        yield None
+        return
+    with tempfile.NamedTemporaryFile(prefix=".backupd-verify-", suffix=".rdb",
+                                     dir=directory) as fh:
+        yield fh
+
+
+def _check_rdb(outcome: Outcome, path: Path, rdb_version: int, tool: str) -> None:
+    """Run redis-check-rdb, when it exists and is new enough to read this RDB version."""
+    try:
+        version_text = subprocess.run([tool, "--version"], capture_output=True, text=True,
+                                      timeout=30, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        outcome.notes.append(f"deep check skipped: {tool} is not available")
+        return
+    match = re.search(r"v=(\d+\.\d+\.\d+)", version_text) or re.search(
+        r"(\d+\.\d+\.\d+)", version_text)
+    server_version = match.group(1) if match else ""
+    if server_version and max_rdb_version(server_version) < rdb_version:
+        outcome.notes.append(f"deep check skipped: {tool} {server_version} cannot read RDB "
+                             f"version {rdb_version}")
+        return
+    try:
+        proc = subprocess.run([tool, str(path)], capture_output=True, text=True,
+                              timeout=CHECK_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        outcome.problems.append(f"{tool} did not finish within {CHECK_TIMEOUT:g}s")
+        return
+    outcome.checked.append("redis-check-rdb")
+    if proc.returncode != 0:
+        last = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+        outcome.problems.append(f"{tool} failed: {last}")

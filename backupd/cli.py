@@ -1,0 +1,237 @@
+"""Command line: thin click commands over the actions; errors become documented exit codes.
+
+Exit codes: 0 ok, 1 operation failed, 2 usage or config error, 3 integrity failure, 4 busy.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import structlog
+
+from backupd import __version__, logs
+from backupd import config as config_mod
+from backupd.errors import EXIT_FAILED, EXIT_INTEGRITY, BackupdError
+
+log = structlog.get_logger("backupd")
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  success
+  1  operation failed (Redis, disk, S3, restore)
+  2  usage or configuration error
+  3  integrity failure (a backup is corrupt)
+  4  busy (another backup holds the lock)"""
+
+
+def handle_errors(func: F) -> F:
+    """Map BackupdError to its exit code with one clear, secret-free line; never a traceback."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except BackupdError as exc:
+            log.error("command_failed", command=func.__name__, error=logs.mask(str(exc)),
+                      error_type=type(exc).__name__, exit_code=exc.exit_code)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            log.error("interrupted", command=func.__name__)
+            sys.exit(130)
+        except Exception as exc:  # a bug: say so, with a masked traceback, exit 1
+            log.exception("unexpected_error", command=func.__name__,
+                          error=logs.mask(f"{type(exc).__name__}: {exc}"))
+            sys.exit(EXIT_FAILED)
+    return wrapper  # type: ignore[return-value]
+
+
+class State:
+    def __init__(self, config_path: str | None, log_format: str | None,
+                 log_level: str | None) -> None:
+        self.config_path = config_path
+        self.log_format = log_format
+        self.log_level = log_level
+        self._config: config_mod.Config | None = None
+
+    def config(self) -> config_mod.Config:
+        if self._config is None:
+            cfg = config_mod.load(self.config_path)
+            logs.setup(self.log_format or cfg.log.format, self.log_level or cfg.log.level)
+            for name in (cfg.redis.password_env, cfg.s3.secret_access_key_env):
+                logs.register_secret(os.environ.get(name))
+            for url in (cfg.notify.webhook_url, cfg.notify.healthchecks_url, cfg.s3.endpoint_url):
+                logs.register_secret(url)
+            self._config = cfg
+        return self._config
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+@click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
+              envvar=config_mod.CONFIG_ENV, help="TOML config file (env BACKUPD_CONFIG).")
+@click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default=None,
+              help="Log format on stderr (default: console on a TTY, else JSON).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default=None, help="Log level (default: info).")
+@click.version_option(__version__, prog_name="backupd")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, log_format: str | None,
+        log_level: str | None) -> None:
+    """backupd: verified Redis backups, offsite copies and safe restores."""
+    logs.setup(log_format or "auto", log_level or "info")
+    ctx.obj = State(config_path, log_format, log_level)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option("--tag", default="", help="Free text stored in the manifest.")
+@pass_state
+@handle_errors
+def backup(state: State, tag: str) -> None:
+    """Take one backup now; prints the new backup id as the last line."""
+    from backupd.actions.cycle import run_cycle
+
+    manifest = run_cycle(state.config(), trigger="manual", tag=tag)
+    click.echo(manifest.id)
+
+
+@cli.command(name="list", epilog=EXIT_CODES_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.option("--location", type=click.Choice(["local", "s3", "all"]), default="all",
+              show_default=True)
+@pass_state
+@handle_errors
+def list_cmd(state: State, as_json: bool, location: str) -> None:
+    """List backups, newest first."""
+    from backupd.actions.catalog import catalog, storages
+
+    found = catalog(storages(state.config(), location))
+    for name, listing in found.listings.items():
+        for backup_id, why in listing.broken.items():
+            log.warning("broken_backup", location=name, id=backup_id, problem=why)
+    if as_json:
+        click.echo(json.dumps([e.as_json() for e in found.entries], indent=2))
+        return
+    rows = [("ID", "CREATED", "KEYS", "RAW", "STORED", "RDB", "REDIS", "LOCATIONS", "UPLOAD")]
+    for entry in found.entries:
+        m = entry.manifest
+        rows.append((m.id, m.created_at, str(m.keys), _size(m.raw_size), _size(m.stored_size),
+                     str(m.rdb_version), m.redis.version, ",".join(entry.locations),
+                     m.upload + (" !" if m.warnings else "")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+                   .rstrip())
+    if not found.entries:
+        click.echo("(no backups)")
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(n)  # pragma: no cover
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("backup_id", metavar="[ID|latest]", required=False, default="latest")
+@click.option("--all", "all_", is_flag=True, help="Verify every backup.")
+@click.option("--deep", is_flag=True, help="Also run redis-check-rdb on the RDB.")
+@click.option("--identity-file", type=click.Path(dir_okay=False),
+              help="age identity file, to decrypt and check encrypted backups fully.")
+@click.option("--location", type=click.Choice(["local", "s3", "all"]), default="local",
+              show_default=True)
+@pass_state
+@handle_errors
+def verify(state: State, backup_id: str, all_: bool, deep: bool, identity_file: str | None,
+           location: str) -> None:
+    """Check stored backups: SHA-256, and the RDB CRC where the backup can be read."""
+    from backupd.actions.catalog import catalog, storages
+    from backupd.actions.verify import verify as verify_one
+    from backupd.pipeline import load_identities
+
+    cfg = state.config()
+    identities = load_identities(identity_file) if identity_file else []
+    failed = 0
+    for storage in storages(cfg, location):
+        found = catalog([storage])
+        listing = found.listings[storage.name]
+        targets = [e.manifest for e in found.entries] if all_ else [
+            found.find(backup_id).manifest]
+        for manifest in targets:
+            outcome = verify_one(storage, manifest, identities=identities, deep=deep,
+                                 redis_check_rdb=cfg.verify.redis_check_rdb,
+                                 scratch_dir=Path(cfg.backup.dir) if storage.name == "local"
+                                 else None)
+            status = "ok" if outcome.ok else "CORRUPT"
+            click.echo(f"{status:8} {manifest.id} [{storage.name}] "
+                       f"{'; '.join(outcome.problems or outcome.checked)}")
+            for note in outcome.notes:
+                click.echo(f"{'':8} {note}")
+            if not outcome.ok:
+                failed += 1
+                log.error("backup_corrupt", id=manifest.id, location=storage.name,
+                          problems=outcome.problems)
+        if all_:
+            for broken_id, why in listing.broken.items():
+                click.echo(f"{'CORRUPT':8} {broken_id} [{storage.name}] {why}")
+                failed += 1
+    if failed:
+        log.error("verify_failed", corrupt=failed)
+        sys.exit(EXIT_INTEGRITY)
+
+
+@cli.group(name="config")
+def config_group() -> None:
+    """Configuration commands."""
+
+
+@config_group.command(name="check", epilog=EXIT_CODES_HELP)
+@click.option("--check-remote", is_flag=True, help="Also test access to the S3 bucket.")
+@pass_state
+@handle_errors
+def config_check(state: State, check_remote: bool) -> None:
+    """Validate the configuration and print it, secrets shown as ***."""
+    cfg = state.config()
+    effective = config_mod.effective(cfg)
+    password = config_mod.redis_password(cfg.redis)
+    effective["redis"]["password"] = "***" if password else "(not set)"
+    click.echo(f"# configuration from {cfg.source}: valid")
+    click.echo(_toml(effective))
+    if check_remote:
+        if not cfg.s3.enabled:
+            click.echo("# --check-remote: s3.bucket is not set; nothing to check")
+            return
+        from backupd.storage.s3 import S3Storage
+
+        S3Storage(cfg.s3).check_access()
+        click.echo(f"# s3: bucket {cfg.s3.bucket!r} prefix {cfg.s3.prefix!r}: reachable")
+
+
+def _toml(data: dict[str, Any], prefix: str = "") -> str:
+    lines: list[str] = []
+    tables = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {json.dumps(value)}")
+    for key, value in tables:
+        name = f"{prefix}{key}"
+        lines.append(f"\n[{name}]")
+        lines.append(_toml(value, name + "."))
+    return "\n".join(line for line in lines if line)
+
+
+def main() -> None:
+    cli(prog_name="backupd")

@@ -1,0 +1,423 @@
+"""Configuration: a TOML file plus `BACKUPD_<SECTION>__<KEY>` environment overrides.
+
+Every section is a frozen dataclass; the loader walks the dataclass fields, so the schema, the
+defaults and the validation live in one place. Every error names the file, the key and what was
+expected, and is raised as ConfigError (exit code 2), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backupd.errors import ConfigError
+
+ENV_PREFIX = "BACKUPD_"
+CONFIG_ENV = "BACKUPD_CONFIG"
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """Parse `90s`, `15m`, `2h`, `1d` (a bare number is seconds) into seconds."""
+    match = _DURATION_RE.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a duration (expected e.g. 90s, 15m, 2h, 1d)")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def format_duration(seconds: float) -> str:
+    for unit in ("d", "h", "m"):
+        if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
+            return f"{int(seconds // _UNITS[unit])}{unit}"
+    return f"{seconds:g}s"
+
+
+def _duration(default: str, *, optional: bool = False) -> Any:
+    value: float | None = None if optional and not default else parse_duration(default)
+    return field(default=value, metadata={"kind": "duration", "optional": optional})
+
+
+def _choice(default: str, *choices: str) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+def _secret(default: str = "") -> Any:
+    return field(default=default, metadata={"secret": True})
+
+
+def _strings(*default: str) -> Any:
+    return field(default_factory=lambda: list(default), metadata={"kind": "strings"})
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    host: str = "127.0.0.1"
+    port: int = 6379
+    username: str = ""
+    password_env: str = "REDIS_PASSWORD"  # noqa: S105 - a variable name
+    password_file: str = ""
+    tls: bool = False
+    data_dir: str = "/data"
+    save_timeout: float = _duration("15m")
+    connect_timeout: float = _duration("10s")
+
+
+@dataclass(frozen=True)
+class BackupConfig:
+    dir: str = "/backups"
+    compression: str = _choice("zstd", "zstd", "gzip", "none")
+    compression_level: int = 3
+    age_recipients: list[str] = _strings()
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    keep_last: int = 24
+    keep_hourly: int = 0
+    keep_daily: int = 7
+    keep_weekly: int = 4
+    keep_monthly: int = 6
+    keep_yearly: int = 0
+    keep_within: float | None = _duration("", optional=True)
+
+
+@dataclass(frozen=True)
+class S3Config:
+    bucket: str = ""
+    prefix: str = ""
+    endpoint_url: str = _secret()
+    region: str = "us-east-1"
+    addressing_style: str = _choice("auto", "auto", "path", "virtual")
+    access_key_id_env: str = "AWS_ACCESS_KEY_ID"
+    secret_access_key_env: str = "AWS_SECRET_ACCESS_KEY"  # noqa: S105
+    storage_class: str = ""
+    sse: str = _choice("", "", "AES256", "aws:kms")
+    sse_kms_key_id: str = ""
+    object_lock_days: int = 0
+    object_lock_mode: str = _choice("GOVERNANCE", "GOVERNANCE", "COMPLIANCE")
+    checksum: str = _choice("sha256", "sha256", "crc32", "none")
+    keep_local: bool = True
+    connect_timeout: float = _duration("10s")
+    read_timeout: float = _duration("60s")
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.bucket)
+
+
+@dataclass(frozen=True)
+class RestoreConfig:
+    method: str = _choice("shutdown", "docker", "command", "shutdown")
+    docker_url: str = "unix:///var/run/docker.sock"
+    docker_container: str = ""
+    compose_project: str = ""
+    compose_service: str = "redis"
+    stop_timeout: float = _duration("60s")
+    start_timeout: float = _duration("5m")
+    stop_command: list[str] = _strings()
+    start_command: list[str] = _strings()
+    command_timeout: float = _duration("2m")
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    redis_server: str = "redis-server"
+    redis_check_rdb: str = "redis-check-rdb"
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    cron: str = "0 * * * *"
+    every: float | None = _duration("", optional=True)
+    timezone: str = "UTC"
+    jitter: float = _duration("0s")
+    run_on_start: bool = False
+    prune: bool = True
+    drill: str = ""
+    misfire_grace: float = _duration("10m")
+    shutdown_grace: float = _duration("60s")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "0.0.0.0:9721"
+    max_age: float = _duration("2h")
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    webhook_url: str = _secret()
+    on_success: bool = False
+    healthchecks_url: str = _secret()
+    timeout: float = _duration("10s")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = _choice("auto", "auto", "json", "console")
+    level: str = _choice("info", "debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Config:
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    s3: S3Config = field(default_factory=S3Config)
+    restore: RestoreConfig = field(default_factory=RestoreConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = field(default="(defaults)", metadata={"internal": True})
+
+
+class _Invalid(Exception):
+    """A value has the wrong type or form; carries what is expected."""
+
+
+def _coerce(f: dataclasses.Field[Any], value: Any, from_env: bool) -> Any:
+    kind = f.metadata.get("kind")
+    annotation = str(f.type)
+    if kind == "duration":
+        if isinstance(value, int | float) and not isinstance(value, bool) and not from_env:
+            if value < 0:
+                raise _Invalid("a duration >= 0")
+            return float(value)
+        if not isinstance(value, str):
+            raise _Invalid("a duration string such as 90s, 15m, 2h or 1d")
+        if value.strip() == "" and f.metadata.get("optional"):
+            return None
+        try:
+            return parse_duration(value)
+        except ValueError:
+            raise _Invalid("a duration such as 90s, 15m, 2h or 1d") from None
+    if kind == "strings":
+        if from_env and isinstance(value, str):
+            value = _env_list(value)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _Invalid("a list of strings")
+        return list(value)
+    if annotation == "bool":
+        if from_env and isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+        if not isinstance(value, bool):
+            raise _Invalid("true or false")
+        return value
+    if annotation == "int":
+        if from_env and isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise _Invalid("an integer") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid("an integer")
+        return value
+    if annotation == "str":
+        if not isinstance(value, str):
+            raise _Invalid("a string")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise _Invalid("one of " + ", ".join(repr(c) for c in choices))
+        return value
+    raise _Invalid(f"a value of type {annotation}")  # pragma: no cover - schema bug
+
+
+def _env_list(text: str) -> list[str]:
+    """Env lists are a TOML array (`["a", "b"]`) or comma-separated (`a,b`)."""
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            value = tomllib.loads(f"v = {stripped}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise _Invalid('a TOML array such as ["a", "b"]') from None
+        return value if isinstance(value, list) else []
+    return [part.strip() for part in stripped.split(",") if part.strip()]
+
+
+def _build(cls: type[Any], data: Mapping[str, Any], env: Mapping[str, str], path: str,
+           origin: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{origin}: [{path}] must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"[{path}]" if path else "the top level"
+        raise ConfigError(
+            f"{origin}: unknown key {_dotted(path, unknown[0])!r} in {where} "
+            f"(known keys: {', '.join(sorted(fields))})"
+        )
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        dotted = _dotted(path, name)
+        if isinstance(f.default_factory, type):  # a nested section
+            values[name] = _build(f.default_factory, data.get(name, {}), env, dotted, origin)
+            continue
+        env_name = ENV_PREFIX + dotted.upper().replace(".", "__")
+        if env_name in env:
+            raw, source, from_env = env[env_name], f"environment variable {env_name}", True
+        elif name in data:
+            raw, source, from_env = data[name], origin, False
+        else:
+            continue
+        try:
+            values[name] = _coerce(f, raw, from_env)
+        except _Invalid as exc:
+            raise ConfigError(f"{source}: key {dotted!r}: expected {exc}, got {_show(f, raw)}") \
+                from None
+    return cls(**values)
+
+
+def _dotted(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _show(f: dataclasses.Field[Any], raw: Any) -> str:
+    return "'***'" if f.metadata.get("secret") else repr(raw)[:80]
+
+
+def load(path: str | os.PathLike[str] | None = None,
+         env: Mapping[str, str] | None = None) -> Config:
+    """Load and validate the configuration; raises ConfigError naming the bad key."""
+    env = os.environ if env is None else env
+    if path is None and env.get(CONFIG_ENV):
+        path = env[CONFIG_ENV]
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        origin = str(path)
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {origin} does not exist") from None
+        except (PermissionError, IsADirectoryError) as exc:
+            raise ConfigError(f"config file {origin} cannot be read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {origin} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {origin} is not UTF-8 text") from None
+    config: Config = _build(Config, data, env, "", origin)
+    config = dataclasses.replace(config, source=origin)
+    _validate(config, origin)
+    return config
+
+
+def _validate(config: Config, origin: str) -> None:
+    """Checks that span values: ranges, paths and combinations."""
+    def bad(key: str, expected: str, got: Any) -> ConfigError:
+        return ConfigError(f"{origin}: key {key!r}: expected {expected}, got {got!r}")
+
+    r = config.redis
+    if not 1 <= r.port <= 65535:
+        raise bad("redis.port", "a port number from 1 to 65535", r.port)
+    if not r.data_dir:
+        raise bad("redis.data_dir", "the path of the Redis data volume in this container", "")
+    for key, seconds in (("redis.save_timeout", r.save_timeout),
+                         ("redis.connect_timeout", r.connect_timeout)):
+        if seconds <= 0:
+            raise bad(key, "a duration > 0", format_duration(seconds))
+    b = config.backup
+    if not b.dir:
+        raise bad("backup.dir", "a directory path", "")
+    backup_dir, data_dir = Path(b.dir).resolve(), Path(r.data_dir).resolve()
+    if backup_dir == data_dir or data_dir in backup_dir.parents:
+        raise ConfigError(
+            f"{origin}: key 'backup.dir': {b.dir!r} is inside redis.data_dir {r.data_dir!r}; "
+            "backups must live on another volume (a full data volume makes Redis refuse writes)"
+        )
+    levels = {"zstd": (1, 22), "gzip": (1, 9), "none": (0, 22)}[b.compression]
+    if not levels[0] <= b.compression_level <= levels[1]:
+        raise bad("backup.compression_level",
+                  f"{levels[0]}..{levels[1]} for {b.compression}", b.compression_level)
+    for recipient in b.age_recipients:
+        _check_recipient(recipient, origin)
+    for section, retention in (("retention", config.retention),
+                               ("s3.retention", config.s3.retention)):
+        for f in dataclasses.fields(retention):
+            value = getattr(retention, f.name)
+            if isinstance(value, int) and value < 0:
+                raise bad(f"{section}.{f.name}", "a number >= 0", value)
+    s3 = config.s3
+    if s3.enabled:
+        if not s3.prefix or not s3.prefix.endswith("/") or s3.prefix.startswith("/"):
+            raise bad("s3.prefix", "a non-empty prefix ending with '/' (e.g. 'redis/prod/') "
+                      "when s3.bucket is set, so that retention only touches backupd's objects",
+                      s3.prefix)
+        if s3.object_lock_days < 0:
+            raise bad("s3.object_lock_days", "a number of days >= 0", s3.object_lock_days)
+    m = config.metrics
+    if m.listen:
+        parse_listen(m.listen, origin)
+    s = config.schedule
+    if s.every is not None and s.every <= 0:
+        raise bad("schedule.every", "a duration > 0", format_duration(s.every))
+
+
+def parse_listen(listen: str, origin: str = "config") -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{origin}: key 'metrics.listen': expected HOST:PORT such as "
+                          f"'0.0.0.0:9721', got {listen!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - a sidecar port
+
+
+def _check_recipient(recipient: str, origin: str) -> None:
+    import pyrage
+
+    try:
+        pyrage.x25519.Recipient.from_str(recipient)
+    except Exception:  # pyrage raises its own error types for every parse failure
+        raise ConfigError(
+            f"{origin}: key 'backup.age_recipients': expected age public keys (age1...), "
+            f"got {recipient[:12]!r}..."
+        ) from None
+
+
+def redis_password(config: RedisConfig, env: Mapping[str, str] | None = None) -> str | None:
+    """The Redis password from `password_file` or the env var named by `password_env`."""
+    env = os.environ if env is None else env
+    if config.password_file:
+        try:
+            return Path(config.password_file).read_text(encoding="utf-8").strip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"key 'redis.password_file': cannot read {config.password_file}: "
+                              f"{exc.strerror}") from None
+    if config.password_env:
+        return env.get(config.password_env) or None
+    return None
+
+
+def effective(config: Config) -> dict[str, Any]:
+    """The effective configuration as plain data, secrets shown as '***'."""
+    def walk(obj: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            if f.metadata.get("internal"):
+                continue
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                out[f.name] = walk(value)
+            elif f.metadata.get("secret") and value:
+                out[f.name] = "***"
+            elif f.metadata.get("kind") == "duration":
+                out[f.name] = "" if value is None else format_duration(value)
+            else:
+                out[f.name] = value
+        return out
+
+    return walk(config)

@@ -1,0 +1,194 @@
+"""Per-backup metadata: the manifest is written last and is the commit marker of a backup.
+
+An artifact without a manifest is not a backup. Manifests are parsed strictly: anything read
+from disk or a bucket is untrusted input, so wrong types and bad ids raise IntegrityError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from backupd.errors import IntegrityError, UsageError
+
+FORMAT_VERSION = 1
+ID_PATTERN = r"\d{8}T\d{6}Z-[0-9a-f]{6}"
+ID_RE = re.compile(rf"^{ID_PATTERN}$")
+_ID_TIME = "%Y%m%dT%H%M%SZ"
+COMPRESSION_EXT = {"zstd": ".zst", "gzip": ".gz", "none": ""}
+MAX_MANIFEST_BYTES = 1024 * 1024
+
+
+def new_id(now: datetime) -> str:
+    """A sortable id `YYYYMMDDTHHMMSSZ-<6 hex>`; the random part keeps ids unique per second."""
+    return now.astimezone(UTC).strftime(_ID_TIME) + "-" + secrets.token_hex(3)
+
+
+def is_valid_id(text: str) -> bool:
+    return isinstance(text, str) and ID_RE.match(text) is not None
+
+
+def check_id(text: str) -> str:
+    """Validate an id from a user, a file name or an object key before it is used as a path."""
+    if not is_valid_id(text):
+        raise UsageError(f"{text[:64]!r} is not a backup id (expected YYYYMMDDTHHMMSSZ-xxxxxx)")
+    return text
+
+
+def id_time(backup_id: str) -> datetime:
+    return datetime.strptime(backup_id.split("-", 1)[0], _ID_TIME).replace(tzinfo=UTC)
+
+
+def artifact_name(backup_id: str, compression: str, encrypted: bool) -> str:
+    return f"{backup_id}.rdb{COMPRESSION_EXT[compression]}{'.age' if encrypted else ''}"
+
+
+def format_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an ISO 8601 time; a time without zone is UTC."""
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"{text!r} is not a time (expected e.g. 2026-01-02T03:00:00Z)") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class RedisFacts:
+    version: str = ""
+    host: str = ""
+    port: int = 0
+    role: str = ""
+    run_id: str = ""
+    aof_enabled: bool = False
+
+
+@dataclass(frozen=True)
+class Manifest:
+    id: str
+    created_at: str
+    trigger: str
+    tag: str
+    redis: RedisFacts
+    rdb_version: int
+    rdb_checksum: str
+    keys: int
+    keys_per_db: dict[str, int]
+    raw_size: int
+    raw_sha256: str
+    stored_size: int
+    stored_sha256: str
+    compression: str
+    encryption: str
+    artifact: str
+    age_recipients: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+    backupd_version: str = ""
+    warnings: list[str] = field(default_factory=list)
+    upload: str = "none"
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def created(self) -> datetime:
+        return parse_time(self.created_at)
+
+    @property
+    def encrypted(self) -> bool:
+        return self.encryption == "age"
+
+    def to_json(self) -> bytes:
+        return (json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n").encode()
+
+    def with_upload(self, state: str) -> Manifest:
+        return dataclasses.replace(self, upload=state)
+
+
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "id": str, "created_at": str, "trigger": str, "tag": str, "rdb_version": int,
+    "rdb_checksum": str, "keys": int, "raw_size": int, "raw_sha256": str, "stored_size": int,
+    "stored_sha256": str, "compression": str, "encryption": str, "artifact": str,
+    "duration_s": (int, float), "backupd_version": str, "upload": str, "format_version": int,
+}
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def parse(data: bytes, expected_id: str | None = None) -> Manifest:
+    """Parse and validate a manifest; raises IntegrityError naming what is wrong."""
+    where = f"manifest {expected_id}" if expected_id else "manifest"
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise IntegrityError(f"{where} is larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise IntegrityError(f"{where} is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise IntegrityError(f"{where} is not a JSON object")
+
+    def need(key: str, kind: type | tuple[type, ...]) -> Any:
+        value = raw.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise IntegrityError(f"{where}: field {key!r} is missing or has the wrong type")
+        return value
+
+    values = {key: need(key, kind) for key, kind in _TYPES.items() if key in raw or
+              key in ("id", "created_at", "raw_size", "raw_sha256", "stored_size",
+                      "stored_sha256", "compression", "encryption", "artifact")}
+    if values.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise IntegrityError(f"{where} has format_version {values['format_version']}, newer "
+                             "than this backupd understands; upgrade backupd")
+    backup_id = values["id"]
+    if not is_valid_id(backup_id) or (expected_id is not None and backup_id != expected_id):
+        raise IntegrityError(f"{where}: field 'id' is {backup_id[:64]!r}, not the expected id")
+    if values["compression"] not in COMPRESSION_EXT or values["encryption"] not in ("none", "age"):
+        raise IntegrityError(f"{where}: unknown compression or encryption")
+    expected_artifact = artifact_name(backup_id, values["compression"],
+                                      values["encryption"] == "age")
+    if values["artifact"] != expected_artifact:
+        raise IntegrityError(f"{where}: field 'artifact' must be {expected_artifact!r}")
+    for key in ("raw_sha256", "stored_sha256"):
+        if not _HEX64.match(values[key]):
+            raise IntegrityError(f"{where}: field {key!r} is not a SHA-256 hex digest")
+    for key in ("raw_size", "stored_size"):
+        if values[key] < 0:
+            raise IntegrityError(f"{where}: field {key!r} is negative")
+    try:
+        parse_time(values["created_at"])
+    except UsageError:
+        raise IntegrityError(f"{where}: field 'created_at' is not a time") from None
+    redis_raw = raw.get("redis", {})
+    if not isinstance(redis_raw, dict):
+        raise IntegrityError(f"{where}: field 'redis' is not an object")
+    try:
+        facts = RedisFacts(**{f.name: redis_raw[f.name] for f in dataclasses.fields(RedisFacts)
+                              if f.name in redis_raw})
+    except TypeError:
+        raise IntegrityError(f"{where}: field 'redis' is malformed") from None
+    keys_per_db = raw.get("keys_per_db", {})
+    if not isinstance(keys_per_db, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in keys_per_db.values()):
+        raise IntegrityError(f"{where}: field 'keys_per_db' is malformed")
+    str_lists = {}
+    for key in ("age_recipients", "warnings"):
+        value = raw.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise IntegrityError(f"{where}: field {key!r} is not a list of strings")
+        str_lists[key] = value
+    values.setdefault("tag", "")
+    values.setdefault("trigger", "manual")
+    values.setdefault("rdb_version", 0)
+    values.setdefault("rdb_checksum", "ok")
+    values.setdefault("keys", sum(keys_per_db.values()))
+    return Manifest(redis=facts, keys_per_db=keys_per_db, age_recipients=str_lists[
+        "age_recipients"], warnings=str_lists["warnings"], **values)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,157 @@
+"""Backups in a local directory: `<id>.rdb[.zst|.gz][.age]` plus `<id>.json` (the commit marker)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from backupd import manifest as mf
+from backupd.errors import IntegrityError, StorageError
+from backupd.manifest import Manifest
+from backupd.pipeline import TEMP_MARK, write_atomic
+from backupd.storage.base import DeleteResult, Listing, Orphan
+
+MANIFEST_EXT = ".json"
+
+
+def ensure_dir(path: Path) -> None:
+    """Create the backup directory 0700; tighten an existing one we own."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o700)
+    except OSError as exc:
+        raise StorageError(f"cannot use backup directory {path}: {exc.strerror}") from None
+
+
+class LocalStorage:
+    name = "local"
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def artifact_path(self, manifest: Manifest) -> Path:
+        # parse() already pinned `artifact` to the name derived from the id; check again anyway,
+        # since this becomes a path.
+        expected = mf.artifact_name(manifest.id, manifest.compression, manifest.encrypted)
+        if manifest.artifact != expected:
+            raise IntegrityError(f"manifest {manifest.id}: artifact must be {expected!r}")
+        return self.dir / expected
+
+    def manifest_path(self, backup_id: str) -> Path:
+        return self.dir / (mf.check_id(backup_id) + MANIFEST_EXT)
+
+    def list(self) -> Listing:
+        listing = Listing()
+        try:
+            entries = list(os.scandir(self.dir))
+        except FileNotFoundError:
+            return listing
+        except OSError as exc:
+            raise StorageError(f"cannot list {self.dir}: {exc.strerror}") from None
+        names = {entry.name: entry for entry in entries if entry.is_file(follow_symlinks=False)}
+        claimed: set[str] = set()
+        for name in sorted(names, reverse=True):
+            backup_id = name[: -len(MANIFEST_EXT)]
+            if not name.endswith(MANIFEST_EXT) or not mf.is_valid_id(backup_id):
+                continue
+            claimed.add(name)
+            try:
+                manifest = self.read_manifest(backup_id)
+            except (IntegrityError, StorageError) as exc:
+                listing.broken[backup_id] = str(exc)
+                continue
+            if manifest.artifact not in names:
+                listing.broken[backup_id] = f"artifact {manifest.artifact} is missing"
+                continue
+            claimed.add(manifest.artifact)
+            listing.manifests.append(manifest)
+        for name, entry in names.items():
+            if name in claimed or not _ours(name):
+                continue
+            stat = entry.stat(follow_symlinks=False)
+            listing.orphans.append(Orphan(name, datetime.fromtimestamp(stat.st_mtime, UTC),
+                                          stat.st_size))
+        return listing
+
+    def read_manifest(self, backup_id: str) -> Manifest:
+        path = self.manifest_path(backup_id)
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read(mf.MAX_MANIFEST_BYTES + 1)
+        except FileNotFoundError:
+            raise StorageError(f"backup {backup_id} does not exist in {self.dir}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror}") from None
+        return mf.parse(data, expected_id=backup_id)
+
+    @contextlib.contextmanager
+    def open_artifact(self, manifest: Manifest) -> Iterator[BinaryIO]:
+        path = self.artifact_path(manifest)
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 - closed by the with below
+        except OSError as exc:
+            raise StorageError(f"cannot open {path}: {exc.strerror}") from None
+        with fh:
+            yield fh
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        try:
+            write_atomic(self.manifest_path(manifest.id), manifest.to_json())
+        except OSError as exc:
+            raise StorageError(f"cannot write the manifest of {manifest.id}: "
+                               f"{exc.strerror}") from None
+
+    def put(self, artifact: Path, manifest: Manifest) -> None:
+        """Copy an artifact in (atomically), then commit it with its manifest."""
+        dest = self.artifact_path(manifest)
+        if artifact.resolve() != dest.resolve():
+            tmp = dest.with_name(f".{dest.name}{TEMP_MARK}put")
+            try:
+                with open(artifact, "rb") as src, open(
+                        os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.rename(tmp, dest)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise StorageError(f"cannot store {dest}: {exc.strerror}") from None
+        self.write_manifest(manifest)
+
+    def delete(self, backup_ids: Iterable[str]) -> DeleteResult:
+        result = DeleteResult()
+        for backup_id in backup_ids:
+            try:
+                manifest = self.read_manifest(backup_id)
+                self.manifest_path(backup_id).unlink()  # first: the backup stops existing
+                self.artifact_path(manifest).unlink(missing_ok=True)
+                result.deleted.append(backup_id)
+            except (OSError, StorageError, IntegrityError) as exc:
+                result.failed[backup_id] = str(getattr(exc, "strerror", None) or exc)
+        return result
+
+    def delete_orphans(self, names: Iterable[str]) -> DeleteResult:
+        result = DeleteResult()
+        for name in names:
+            if not _ours(name) or "/" in name:
+                result.failed[name] = "not a backupd file name"
+                continue
+            try:
+                (self.dir / name).unlink(missing_ok=True)
+                result.deleted.append(name)
+            except OSError as exc:
+                result.failed[name] = exc.strerror or str(exc)
+        return result
+
+
+def _ours(name: str) -> bool:
+    """A file backupd writes: `<id>...` or a temp file `.<id>....tmp-xxxx`."""
+    if name.startswith(".") and TEMP_MARK in name:
+        name = name[1:]
+    return len(name) > 22 and mf.is_valid_id(name[:23])

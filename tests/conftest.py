@@ -1,0 +1,185 @@
+"""Shared fixtures: real redis-server processes on free ports, configs, and the real CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+PASSWORD = "s3cr3t-Redis-pw-4711"  # a known secret: tests assert it never appears in output
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll with a deadline: the only way tests wait."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+@dataclass
+class RedisServer:
+    """A redis-server process with its own data dir; restartable on the same port and dir."""
+
+    dir: Path
+    port: int
+    password: str | None = PASSWORD
+    options: list[str] = field(default_factory=list)
+    user: str | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.dir), "--save", "", "--appendonly", "no",
+                "--logfile", str(self.dir / "redis.log"), "--daemonize", "no"]
+        if self.password:
+            argv += ["--requirepass", self.password]
+        argv += self.options
+        if self.user:
+            argv = ["setpriv", f"--reuid={self.user}", f"--regid={self.user}",
+                    "--clear-groups", *argv]
+        return argv
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL,  # noqa: S603
+                                     stderr=subprocess.DEVNULL)
+        wait_until(self._answers, 10, f"redis-server on port {self.port}")
+
+    def _answers(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            log = (self.dir / "redis.log")
+            raise AssertionError("redis-server exited: " + (log.read_text()[-2000:]
+                                                             if log.exists() else ""))
+        try:
+            client = self.client()
+            try:
+                return bool(client.ping()) and not int(client.info("persistence")["loading"])
+            finally:
+                client.close()
+        except (redis.exceptions.ConnectionError, redis.exceptions.BusyLoadingError):
+            return False
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, password=self.password, decode_responses=True,
+                           socket_timeout=10, protocol=2)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    servers: list[RedisServer] = []
+    cleanup: list[Path] = []
+
+    def make(*options: str, password: str | None = PASSWORD, name: str = "data",
+             user: str | None = None) -> RedisServer:
+        data = tmp_path / name
+        if user:  # a numeric uid (also the gid): root ignores permissions, others do not.
+            # pytest's tmp dirs are 0700 root: this user needs a path it can traverse.
+            data = Path(tempfile.mkdtemp(prefix="backupd-redis-"))
+            data.chmod(0o755)
+            os.chown(data, int(user), int(user))
+            cleanup.append(data)
+        data.mkdir(exist_ok=True)
+        server = RedisServer(data, free_port(), password, list(options), user)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+    for path in cleanup:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_server(redis_factory: Callable[..., RedisServer]) -> RedisServer:
+    return redis_factory()
+
+
+def fill(server: RedisServer, n: int = 1000, db: int = 0, prefix: str = "key") -> None:
+    client = server.client()
+    client.select(db)
+    pipe = client.pipeline(transaction=False)
+    for i in range(n):
+        pipe.set(f"{prefix}:{i}", f"value-{i}-" + "x" * (i % 64))
+    pipe.hset(f"{prefix}:hash", mapping={"a": "1", "b": "2"})
+    pipe.execute()
+    client.close()
+
+
+def write_config(path: Path, server: RedisServer, backup_dir: Path, extra: str = "") -> Path:
+    path.write_text(
+        f"""
+[redis]
+host = "127.0.0.1"
+port = {server.port}
+data_dir = "{server.dir}"
+save_timeout = "60s"
+connect_timeout = "5s"
+
+[backup]
+dir = "{backup_dir}"
+{extra}
+"""
+    )
+    return path
+
+
+@pytest.fixture
+def setup(tmp_path: Path, redis_server: RedisServer) -> tuple[Path, RedisServer, Path]:
+    """A filled Redis, a config file for it and the backup dir: (config, server, backups)."""
+    fill(redis_server)
+    backups = tmp_path / "backups"
+    return write_config(tmp_path / "config.toml", redis_server, backups), redis_server, backups
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
+            password: str | None = PASSWORD) -> subprocess.CompletedProcess[str]:
+    """Run the real `backupd` CLI in a subprocess (JSON logs on stderr)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("BACKUPD_")}
+    full_env.pop("REDIS_PASSWORD", None)
+    if password is not None:
+        full_env["REDIS_PASSWORD"] = password
+    full_env.update(env or {})
+    return subprocess.run(  # noqa: S603
+        [sys.executable, "-m", "backupd", "--log-format", "json", *args],
+        capture_output=True, text=True, timeout=timeout, env=full_env, check=False,
+    )
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]

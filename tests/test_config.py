@@ -1,0 +1,126 @@
+"""Configuration: defaults, env overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backupd import config as config_mod
+from backupd.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_a_file() -> None:
+    cfg = config_mod.load(None, env={})
+    assert cfg.redis.host == "127.0.0.1" and cfg.redis.port == 6379
+    assert cfg.redis.save_timeout == 900 and cfg.backup.compression == "zstd"
+    assert cfg.s3.enabled is False and cfg.retention.keep_daily == 7
+
+
+def test_file_and_env_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, '[redis]\nport = 6380\nsave_timeout = "2h"\n'
+                           '[backup]\ndir = "/srv/b"\nage_recipients = []\n')
+    env = {"BACKUPD_REDIS__PORT": "7000", "BACKUPD_BACKUP__COMPRESSION": "gzip",
+           "BACKUPD_REDIS__TLS": "yes", "BACKUPD_S3__RETENTION__KEEP_LAST": "3",
+           "BACKUPD_RESTORE__STOP_COMMAND": '["systemctl", "stop", "redis"]'}
+    cfg = config_mod.load(path, env=env)
+    assert cfg.redis.port == 7000 and cfg.redis.tls is True
+    assert cfg.redis.save_timeout == 7200 and cfg.backup.compression == "gzip"
+    assert cfg.s3.retention.keep_last == 3
+    assert cfg.restore.stop_command == ["systemctl", "stop", "redis"]
+
+
+def test_config_path_from_env(tmp_path: Path) -> None:
+    path = write(tmp_path, "[redis]\nport = 6390\n")
+    assert config_mod.load(None, env={"BACKUPD_CONFIG": str(path)}).redis.port == 6390
+
+
+@pytest.mark.parametrize(("text", "key", "expected"), [
+    ("[redis]\nport = 'x'\n", "redis.port", "an integer"),
+    ("[redis]\nport = 70000\n", "redis.port", "a port number"),
+    ("[redis]\nsave_timeout = '15 minutes'\n", "redis.save_timeout", "a duration"),
+    ("[redis]\ntls = 'maybe'\n", "redis.tls", "true or false"),
+    ("[redis]\nhots = 'x'\n", "redis.hots", "unknown key"),
+    ("[bakup]\n", "bakup", "unknown key"),
+    ("[backup]\ncompression = 'lz4'\n", "backup.compression", "one of"),
+    ("[backup]\ncompression_level = 30\n", "backup.compression_level", "1..22"),
+    ("[backup]\nage_recipients = ['ssh-rsa AAAA']\n", "backup.age_recipients", "age public"),
+    ("[redis]\ndata_dir = '/data'\n[backup]\ndir = '/data/backups'\n", "backup.dir", "inside"),
+    ("[s3]\nbucket = 'b'\n", "s3.prefix", "non-empty prefix"),
+    ("[s3]\nbucket = 'b'\nprefix = 'redis'\n", "s3.prefix", "ending with '/'"),
+    ("[retention]\nkeep_last = -1\n", "retention.keep_last", ">= 0"),
+    ("[metrics]\nlisten = 'nope'\n", "metrics.listen", "HOST:PORT"),
+    ("redis = 3\n", "redis", "must be a table"),
+])
+def test_errors_name_the_key(tmp_path: Path, text: str, key: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        config_mod.load(path, env={})
+    message = str(info.value)
+    assert key in message and expected in message and str(path) in message
+
+
+def test_env_errors_name_the_variable() -> None:
+    with pytest.raises(ConfigError, match="BACKUPD_REDIS__PORT.*redis.port.*integer"):
+        config_mod.load(None, env={"BACKUPD_REDIS__PORT": "abc"})
+
+
+def test_invalid_toml_and_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config_mod.load(write(tmp_path, "[redis\n"), env={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        config_mod.load(tmp_path / "missing.toml", env={})
+
+
+def test_secret_values_are_not_echoed(tmp_path: Path) -> None:
+    path = write(tmp_path, "[notify]\nwebhook_url = 42\n")
+    with pytest.raises(ConfigError) as info:
+        config_mod.load(path, env={})
+    assert "42" not in str(info.value) and "***" in str(info.value)
+
+
+def test_password_sources(tmp_path: Path) -> None:
+    cfg = config_mod.load(None, env={})
+    assert config_mod.redis_password(cfg.redis, {"REDIS_PASSWORD": "pw"}) == "pw"
+    assert config_mod.redis_password(cfg.redis, {}) is None
+    secret = tmp_path / "secret"
+    secret.write_text("from-file\n")
+    cfg = config_mod.load(write(tmp_path, f"[redis]\npassword_file = '{secret}'\n"), env={})
+    assert config_mod.redis_password(cfg.redis, {"REDIS_PASSWORD": "pw"}) == "from-file"
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("15m", 900), ("2h", 7200),
+                                               ("1d", 86400), ("30", 30), ("1.5h", 5400)])
+def test_durations(text: str, seconds: float) -> None:
+    assert config_mod.parse_duration(text) == seconds
+
+
+_values = st.one_of(st.integers(), st.text(max_size=20), st.booleans(), st.floats(
+    allow_nan=False), st.lists(st.integers(), max_size=3), st.none())
+
+
+@settings(max_examples=150, deadline=None)
+@given(section=st.sampled_from(["redis", "backup", "s3", "retention", "schedule", "metrics"]),
+       key=st.sampled_from(["port", "dir", "compression", "keep_last", "every", "listen",
+                            "bucket", "timeout", "data_dir", "save_timeout"]),
+       value=_values)
+def test_random_values_never_crash(tmp_path_factory: pytest.TempPathFactory, section: str,
+                                   key: str, value: object) -> None:
+    import json
+
+    if value is None:
+        return
+    path = tmp_path_factory.mktemp("fuzz") / "c.toml"
+    path.write_text(f"[{section}]\n{key} = {json.dumps(value)}\n")
+    try:
+        config_mod.load(path, env={})
+    except ConfigError as exc:
+        assert str(exc)
