@@ -124,3 +124,35 @@ def test_random_values_never_crash(tmp_path_factory: pytest.TempPathFactory, sec
         config_mod.load(path, env={})
     except ConfigError as exc:
         assert str(exc)
+
+
+def test_example_config_is_valid_and_documents_every_key() -> None:
+    import dataclasses
+    import tomllib
+
+    example = Path(__file__).parent.parent / "config.example.toml"
+    cfg = config_mod.load(example, env={})
+    assert cfg.redis.host == "redis"
+    data = tomllib.loads(example.read_text())
+
+    def keys(obj: object, prefix: str = "") -> set[str]:
+        out = set()
+        for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+            if f.metadata.get("internal"):
+                continue
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                out |= keys(value, f"{prefix}{f.name}.")
+            else:
+                out.add(prefix + f.name)
+        return out
+
+    def present(path: str) -> bool:
+        node: object = data
+        for part in path.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    assert sorted(k for k in keys(cfg) if not present(k)) == []
