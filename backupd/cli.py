@@ -93,14 +93,89 @@ def cli(ctx: click.Context, config_path: str | None, log_format: str | None,
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.option("--tag", default="", help="Free text stored in the manifest.")
+@click.option("--no-prune", is_flag=True, help="Skip retention after this backup.")
 @pass_state
 @handle_errors
-def backup(state: State, tag: str) -> None:
-    """Take one backup now; prints the new backup id as the last line."""
+def backup(state: State, tag: str, no_prune: bool) -> None:
+    """Take one backup now (then upload and prune); prints the new backup id as the last line."""
     from backupd.actions.cycle import run_cycle
 
-    manifest = run_cycle(state.config(), trigger="manual", tag=tag)
-    click.echo(manifest.id)
+    cfg = state.config()
+    run_cycle(cfg, trigger="manual", tag=tag, prune=cfg.schedule.prune and not no_prune,
+              on_backup=lambda manifest: click.echo(manifest.id))
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option("--dry-run", is_flag=True, help="Show what would be deleted; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--location", type=click.Choice(["local", "s3", "all"]), default="all",
+              show_default=True)
+@click.option("--orphans", is_flag=True,
+              help="Also delete leftovers without a manifest older than a day.")
+@pass_state
+@handle_errors
+def prune(state: State, dry_run: bool, as_json: bool, location: str, orphans: bool) -> None:
+    """Apply the retention policies; prints keep or delete, with reasons, for each backup."""
+    import contextlib
+
+    from backupd.actions.backup import backup_lock
+    from backupd.actions.catalog import storages
+    from backupd.actions.prune import prune as prune_all
+    from backupd.manifest import now_utc
+
+    cfg = state.config()
+    chosen = storages(cfg, location)
+    lock = (backup_lock(Path(cfg.backup.dir)) if location in ("local", "all") and not dry_run
+            else contextlib.nullcontext())
+    with lock:
+        reports = prune_all(cfg, chosen, now=now_utc(), dry_run=dry_run, orphans=orphans)
+    if as_json:
+        click.echo(json.dumps([r.as_json() for r in reports], indent=2))
+    else:
+        for report in reports:
+            click.echo(f"[{report.location}]{' (dry run)' if dry_run else ''}")
+            if report.error:
+                click.echo(f"  error: {report.error}")
+            for d in report.decisions:
+                action = "keep" if d.keep else ("would delete" if dry_run else "delete")
+                if d.backup_id in report.locked:
+                    action = "locked"
+                elif d.backup_id in report.failed:
+                    action = f"FAILED ({report.failed[d.backup_id]})"
+                click.echo(f"  {action:12} {d.backup_id}  {', '.join(d.reasons)}".rstrip())
+            for orphan in report.orphans:
+                gone = " (deleted)" if orphan.name in report.orphans_deleted else ""
+                click.echo(f"  {'orphan':12} {orphan.name}{gone}")
+    if not all(r.ok for r in reports):
+        sys.exit(EXIT_FAILED)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option("--pending", is_flag=True, required=True,
+              help="Upload every backup whose upload is pending.")
+@pass_state
+@handle_errors
+def upload(state: State, pending: bool) -> None:
+    """Upload pending backups to S3 (after an outage)."""
+    from backupd.actions.backup import backup_lock
+    from backupd.actions.upload import upload_pending
+    from backupd.errors import UploadPending, UsageError
+    from backupd.storage.local import LocalStorage
+    from backupd.storage.s3 import S3Storage
+
+    cfg = state.config()
+    if not cfg.s3.enabled:
+        raise UsageError("upload needs s3.bucket to be set in the configuration")
+    local = LocalStorage(Path(cfg.backup.dir))
+    with backup_lock(local.dir):
+        result = upload_pending(local, S3Storage(cfg.s3), cfg.s3.keep_local)
+    for backup_id in result.uploaded:
+        click.echo(f"uploaded {backup_id}")
+    if result.failed:
+        raise UploadPending(f"{len(result.failed)} upload(s) still pending: "
+                            + "; ".join(result.failed.values()))
+    if not result.uploaded:
+        click.echo("nothing pending")
 
 
 @cli.command(name="list", epilog=EXIT_CODES_HELP)
@@ -151,11 +226,15 @@ def _size(n: int) -> str:
               help="age identity file, to decrypt and check encrypted backups fully.")
 @click.option("--location", type=click.Choice(["local", "s3", "all"]), default="local",
               show_default=True)
+@click.option("--drill", is_flag=True,
+              help="Load the backup into a throwaway redis-server and check its key count.")
 @pass_state
 @handle_errors
 def verify(state: State, backup_id: str, all_: bool, deep: bool, identity_file: str | None,
-           location: str) -> None:
+           location: str, drill: bool = False) -> None:
     """Check stored backups: SHA-256, and the RDB CRC where the backup can be read."""
+    if drill:
+        return _verify_drill(state, backup_id, all_, identity_file, location)
     from backupd.actions.catalog import catalog, storages
     from backupd.actions.verify import verify as verify_one
     from backupd.pipeline import load_identities
@@ -231,6 +310,111 @@ def _toml(data: dict[str, Any], prefix: str = "") -> str:
         lines.append(f"\n[{name}]")
         lines.append(_toml(value, name + "."))
     return "\n".join(line for line in lines if line)
+
+
+# --- The sidecar: `run` and `health` (backupd/daemon.py, backupd/health.py) ---
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@pass_state
+@handle_errors
+def run(state: State) -> None:
+    """Run the scheduler daemon (the image's default command) until SIGTERM or SIGINT."""
+    from backupd.daemon import run_daemon
+
+    run_daemon(state.config())
+
+
+@cli.command(name="health")
+@pass_state
+def health_cmd(state: State) -> None:
+    """Exit 0 when the daemon's last backup is fresh, else 1, with a one-line reason.
+
+    For the Docker HEALTHCHECK: reads <backup.dir>/.backupd-state.json, which the daemon keeps;
+    needs neither HTTP nor Redis. Any error is exit 1 (Docker reserves exit code 2).
+    """
+    from backupd.health import check
+
+    try:
+        verdict = check(state.config())
+    except BackupdError as exc:
+        click.echo(f"unhealthy (error): {logs.mask(str(exc))}")
+        sys.exit(EXIT_FAILED)
+    click.echo(logs.mask(f"{'healthy' if verdict.ok else 'unhealthy'} ({verdict.status}): "
+                         f"{verdict.reason}"))
+    sys.exit(0 if verdict.ok else EXIT_FAILED)
+
+
+# --- Restore (issue 4): `restore` and `verify --drill` (backupd/actions/restore.py) ---
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("backup_id", metavar="[ID|latest]", required=False, default="latest")
+@click.option("--from", "from_", type=click.Choice(["local", "s3"]), default=None,
+              help="Where to read the backup (default: local if it is there, else s3).")
+@click.option("--before", metavar="TIMESTAMP",
+              help="The newest backup at or before this time, e.g. 2026-01-02T03:00:00Z.")
+@click.option("--identity-file", type=click.Path(dir_okay=False),
+              help="age identity file, to decrypt an encrypted backup.")
+@click.option("--dry-run", is_flag=True,
+              help="Download and check everything, print the plan, change nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--method", type=click.Choice(["docker", "command", "shutdown"]), default=None,
+              help="How to stop and start Redis (default: restore.method).")
+@click.option("--start", is_flag=True,
+              help="Start Redis after the restore even if it was not running before.")
+@click.option("--rollback", is_flag=True,
+              help="Put back the data from before the last restore (also after an "
+                   "interrupted restore).")
+@pass_state
+@handle_errors
+def restore(state: State, backup_id: str, from_: str | None, before: str | None,
+            identity_file: str | None, dry_run: bool, yes: bool, method: str | None,
+            start: bool, rollback: bool) -> None:
+    """Replace Redis's data with a backup: verified, AOF-aware, with a safety copy."""
+    from backupd.actions import restore as action
+    from backupd.errors import UsageError
+    from backupd.manifest import parse_time
+
+    if rollback and (backup_id != "latest" or before or from_ or dry_run or identity_file):
+        raise UsageError("--rollback takes no backup ID, --before, --from, --identity-file "
+                         "or --dry-run")
+    opts = action.Options(selector=backup_id, source=from_,
+                          before=parse_time(before) if before else None,
+                          identity_file=identity_file, dry_run=dry_run, yes=yes,
+                          method=method, start=start)
+    ui = action.Ui(echo=click.echo,
+                   confirm=lambda text: click.confirm(text, default=False, err=True),
+                   interactive=sys.stdin.isatty(), progress=sys.stderr.isatty())
+    cfg = state.config()
+    sys.exit(action.rollback(cfg, opts, ui) if rollback else action.restore(cfg, opts, ui))
+
+
+def _verify_drill(state: State, backup_id: str, all_: bool, identity_file: str | None,
+                  location: str) -> None:
+    """`verify --drill`: restore into a throwaway redis-server; exit 3 on a key mismatch,
+    1 when the drill cannot run (e.g. redis-server older than the RDB)."""
+    from backupd.actions.catalog import catalog, storages
+    from backupd.actions.restore import drill
+    from backupd.errors import UsageError
+    from backupd.pipeline import load_identities
+
+    if all_:
+        raise UsageError("--drill checks one backup at a time; give an ID or latest")
+    cfg = state.config()
+    identities = load_identities(identity_file) if identity_file else []
+    worst = 0
+    for storage in storages(cfg, location):
+        manifest = catalog([storage]).find(backup_id).manifest
+        if manifest.encrypted and not identities:
+            raise UsageError(f"backup {manifest.id} is encrypted: give --identity-file")
+        result = drill(cfg, storage, manifest, identities,
+                       Path(cfg.backup.dir) if storage.name == "local" else None)
+        click.echo(f"{'ok' if result.ok else 'FAILED':8} {manifest.id} [{storage.name}] "
+                   f"{result.message}")
+        worst = max(worst, result.exit_code)
+    if worst:
+        sys.exit(worst)
 
 
 def main() -> None:

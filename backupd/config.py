@@ -107,6 +107,7 @@ class S3Config:
     keep_local: bool = True
     connect_timeout: float = _duration("10s")
     read_timeout: float = _duration("60s")
+    max_attempts: int = 5  # per request, botocore "standard" retries with backoff
     retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     @property
@@ -358,6 +359,8 @@ def _validate(config: Config, origin: str) -> None:
             raise bad("s3.prefix", "a non-empty prefix ending with '/' (e.g. 'redis/prod/') "
                       "when s3.bucket is set, so that retention only touches backupd's objects",
                       s3.prefix)
+        if s3.max_attempts < 1:
+            raise bad("s3.max_attempts", "a number of attempts >= 1", s3.max_attempts)
         if s3.object_lock_days < 0:
             raise bad("s3.object_lock_days", "a number of days >= 0", s3.object_lock_days)
     m = config.metrics

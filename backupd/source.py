@@ -21,6 +21,8 @@ from typing import IO, Any
 
 import redis
 import structlog
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from backupd.config import RedisConfig, redis_password
 from backupd.errors import (
@@ -45,7 +47,7 @@ def connect(cfg: RedisConfig, env: Mapping[str, str] | None = None) -> redis.Red
         host=cfg.host, port=cfg.port, username=cfg.username or None, password=password,
         ssl=cfg.tls, socket_connect_timeout=cfg.connect_timeout,
         socket_timeout=max(cfg.connect_timeout, 30.0), decode_responses=True, protocol=2,
-        retry=None,  # redis-py retries auth errors by default (they subclass ConnectionError)
+        retry=Retry(NoBackoff(), 0),  # the default retries auth errors (ConnectionError subclasses)
     )
     with redis_errors(cfg, password is not None):
         client.ping()

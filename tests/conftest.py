@@ -65,7 +65,7 @@ class RedisServer:
         return argv
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL,  # noqa: S603
+        self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         wait_until(self._answers, 10, f"redis-server on port {self.port}")
 
@@ -175,7 +175,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
     if password is not None:
         full_env["REDIS_PASSWORD"] = password
     full_env.update(env or {})
-    return subprocess.run(  # noqa: S603
+    return subprocess.run(
         [sys.executable, "-m", "backupd", "--log-format", "json", *args],
         capture_output=True, text=True, timeout=timeout, env=full_env, check=False,
     )
@@ -183,3 +183,47 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
 
 def last_line(text: str) -> str:
     return text.strip().splitlines()[-1]
+
+
+S3_KEY_ID = "AKIATESTBACKUPD0001"
+S3_SECRET = "s3-Secret-Key-known-to-tests-0042"  # asserted never to appear in output
+S3_ENV = {"AWS_ACCESS_KEY_ID": S3_KEY_ID, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+          "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """A real S3 HTTP endpoint (moto) on 127.0.0.1 for end-to-end tests of the CLI."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(moto_endpoint: str, request: pytest.FixtureRequest) -> str:
+    import boto3
+
+    name = "b-" + request.node.name.lower().replace("_", "-")[:40].strip("-[]")
+    name = "".join(c if c.isalnum() or c == "-" else "-" for c in name)
+    client = boto3.client("s3", endpoint_url=moto_endpoint, aws_access_key_id=S3_KEY_ID,
+                          aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+    client.create_bucket(Bucket=name)
+    return name
+
+
+def s3_section(endpoint: str, bucket: str, extra: str = "") -> str:
+    return f"""
+[s3]
+bucket = "{bucket}"
+prefix = "redis/prod/"
+endpoint_url = "{endpoint}"
+addressing_style = "path"
+max_attempts = 2
+connect_timeout = "2s"
+read_timeout = "10s"
+{extra}
+"""

@@ -22,7 +22,7 @@ def backup(config: Path, *extra: str) -> str:
 
 
 def test_backup_list_verify(setup: tuple[Path, RedisServer, Path]) -> None:
-    config, server, backups = setup
+    config, _, backups = setup
     backup_id = backup(config, "--tag", "before-upgrade")
     manifest = json.loads((backups / f"{backup_id}.json").read_text())
     assert manifest["keys"] == 1001 and manifest["keys_per_db"] == {"db0": 1001}
@@ -51,7 +51,7 @@ def test_backup_list_verify(setup: tuple[Path, RedisServer, Path]) -> None:
 
 
 def test_newest_first_and_verify_all(setup: tuple[Path, RedisServer, Path]) -> None:
-    config, server, _ = setup
+    config, _, _ = setup
     ids = [backup(config) for _ in range(3)]
     assert ids == sorted(ids) and len(set(ids)) == 3
     listed = json.loads(run_cli("-c", str(config), "list", "--json").stdout)

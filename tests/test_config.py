@@ -69,7 +69,7 @@ def test_errors_name_the_key(tmp_path: Path, text: str, key: str, expected: str)
 
 
 def test_env_errors_name_the_variable() -> None:
-    with pytest.raises(ConfigError, match="BACKUPD_REDIS__PORT.*redis.port.*integer"):
+    with pytest.raises(ConfigError, match=r"BACKUPD_REDIS__PORT.*redis.port.*integer"):
         config_mod.load(None, env={"BACKUPD_REDIS__PORT": "abc"})
 
 

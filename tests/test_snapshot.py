@@ -14,7 +14,7 @@ import redis
 
 from backupd import config as config_mod
 from backupd import source
-from backupd.actions.backup import run_backup
+from backupd.actions.cycle import run_cycle
 from backupd.errors import (
     ConfigError,
     InsufficientSpace,
@@ -126,7 +126,7 @@ def test_failed_save_is_reported(tmp_path: Path,
     cfg = load(tmp_path, server)
     Path(server.dir).chmod(0o555)  # Redis runs as nobody: it cannot create temp-<pid>.rdb
     try:
-        with pytest.raises(SnapshotError, match="rdb_last_bgsave_status is 'err'.*Redis log"):
+        with pytest.raises(SnapshotError, match=r"rdb_last_bgsave_status is 'err'.*Redis log"):
             take(cfg)
     finally:
         Path(server.dir).chmod(0o755)
@@ -205,7 +205,7 @@ def test_refuses_before_bgsave_when_the_backup_dir_is_full(
         cfg = dataclasses.replace(cfg, backup=dataclasses.replace(cfg.backup, dir=str(tiny)))
         saves = int(redis_server.client().info("persistence")["rdb_saves"])
         with pytest.raises(InsufficientSpace, match="not enough free space"):
-            run_backup(cfg, env=ENV)
+            run_cycle(cfg, env=ENV)
         # No BGSAVE was attempted: a failed save would make Redis refuse writes (MISCONF).
         assert int(redis_server.client().info("persistence")["rdb_saves"]) == saves
         assert [p.name for p in tiny.iterdir()] == [".backupd.lock"]

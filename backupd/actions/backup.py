@@ -78,42 +78,43 @@ def check_tag(tag: str) -> str:
 
 def run_backup(config: Config, *, trigger: str = "manual", tag: str = "",
                env: Mapping[str, str] | None = None) -> Manifest:
-    """Take one backup into the local directory; returns its committed manifest."""
+    """Take one backup into the local directory; returns its committed manifest.
+
+    The caller holds `backup_lock` on the backup directory."""
     started = time.monotonic()
     check_tag(tag)
     storage = LocalStorage(Path(config.backup.dir))
-    with backup_lock(storage.dir):
-        clean_leftovers(storage)
-        existing = storage.list().manifests
-        previous = existing[0] if existing else None
-        client = source.connect(config.redis, env)
-        try:
-            with source.snapshot(client, config.redis, storage.dir) as snap:
-                backup_id, moment = next_id(mf.now_utc(), previous)
-                encrypted = bool(config.backup.age_recipients)
-                name = mf.artifact_name(backup_id, config.backup.compression, encrypted)
-                log.info("snapshot_ready", id=backup_id, path=str(snap.path), raw_size=snap.size)
-                packed = pack(snap.file, storage.dir / name,
-                              compression=config.backup.compression,
-                              level=config.backup.compression_level,
-                              recipients=config.backup.age_recipients)
-        finally:
-            client.close()
-        manifest = Manifest(
-            id=backup_id, created_at=mf.format_time(moment), trigger=trigger, tag=tag,
-            redis=snap.server.facts, rdb_version=packed.rdb.version,
-            rdb_checksum=packed.rdb.checksum, keys=snap.server.keys,
-            keys_per_db=snap.server.keys_per_db, raw_size=packed.raw.size,
-            raw_sha256=packed.raw.sha256, stored_size=packed.stored.size,
-            stored_sha256=packed.stored.sha256, compression=config.backup.compression,
-            encryption="age" if encrypted else "none", artifact=name,
-            age_recipients=list(config.backup.age_recipients),
-            duration_s=round(time.monotonic() - started, 3), backupd_version=__version__,
-            warnings=anomalies(snap.server.keys, packed.raw.size, previous),
-            upload="pending" if config.s3.enabled else "none",
-        )
-        _check_stored(storage, manifest)
-        storage.write_manifest(manifest)
+    clean_leftovers(storage)
+    existing = storage.list().manifests
+    previous = existing[0] if existing else None
+    client = source.connect(config.redis, env)
+    try:
+        with source.snapshot(client, config.redis, storage.dir) as snap:
+            backup_id, moment = next_id(mf.now_utc(), previous)
+            encrypted = bool(config.backup.age_recipients)
+            name = mf.artifact_name(backup_id, config.backup.compression, encrypted)
+            log.info("snapshot_ready", id=backup_id, path=str(snap.path), raw_size=snap.size)
+            packed = pack(snap.file, storage.dir / name,
+                          compression=config.backup.compression,
+                          level=config.backup.compression_level,
+                          recipients=config.backup.age_recipients)
+    finally:
+        client.close()
+    manifest = Manifest(
+        id=backup_id, created_at=mf.format_time(moment), trigger=trigger, tag=tag,
+        redis=snap.server.facts, rdb_version=packed.rdb.version,
+        rdb_checksum=packed.rdb.checksum, keys=snap.server.keys,
+        keys_per_db=snap.server.keys_per_db, raw_size=packed.raw.size,
+        raw_sha256=packed.raw.sha256, stored_size=packed.stored.size,
+        stored_sha256=packed.stored.sha256, compression=config.backup.compression,
+        encryption="age" if encrypted else "none", artifact=name,
+        age_recipients=list(config.backup.age_recipients),
+        duration_s=round(time.monotonic() - started, 3), backupd_version=__version__,
+        warnings=anomalies(snap.server.keys, packed.raw.size, previous),
+        upload="pending" if config.s3.enabled else "none",
+    )
+    _check_stored(storage, manifest)
+    storage.write_manifest(manifest)
     for warning in manifest.warnings:
         log.warning("backup_anomaly", id=manifest.id, warning=warning)
     log.info("backup_done", id=manifest.id, keys=manifest.keys, raw_size=manifest.raw_size,

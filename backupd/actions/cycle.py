@@ -2,19 +2,72 @@
 
 Order matters: pending uploads first (an S3 outage must not pile up), then the new backup,
 its upload, and only then retention, so that pruning never runs before the new backup is
-complete and verified.
+complete and verified, and never on the bucket before the new backup is uploaded there.
+The whole cycle holds the backup directory's lock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from backupd.actions.backup import run_backup
+import structlog
+
+from backupd.actions.backup import backup_lock, run_backup
+from backupd.actions.prune import Report, policy_for, prune_location
 from backupd.config import Config
-from backupd.manifest import Manifest
+from backupd.errors import UploadPending
+from backupd.manifest import Manifest, now_utc
+from backupd.storage.base import Storage
+from backupd.storage.local import LocalStorage
+
+log = structlog.get_logger("backupd.cycle")
 
 
-def run_cycle(config: Config, *, trigger: str = "manual", tag: str = "",
-              env: Mapping[str, str] | None = None) -> Manifest:
-    """Back up now; returns the new backup's manifest. Raises a BackupdError on failure."""
-    return run_backup(config, trigger=trigger, tag=tag, env=env)
+@dataclass
+class CycleResult:
+    manifest: Manifest
+    uploaded: bool = False
+    pending_uploaded: list[str] = field(default_factory=list)
+    prune_reports: list[Report] = field(default_factory=list)
+
+
+def run_cycle(config: Config, *, trigger: str = "manual", tag: str = "", prune: bool = True,
+              env: Mapping[str, str] | None = None,
+              on_backup: Callable[[Manifest], None] | None = None) -> CycleResult:
+    """Back up now, upload, prune. Raises a BackupdError on failure (UploadPending when only
+    the upload failed: the local backup exists then)."""
+    local = LocalStorage(Path(config.backup.dir))
+    with backup_lock(local.dir):
+        remote = None
+        pending_uploaded: list[str] = []
+        if config.s3.enabled:
+            from backupd.actions.upload import upload_pending
+            from backupd.storage.s3 import S3Storage
+
+            remote = S3Storage(config.s3, env)
+            pending_uploaded = upload_pending(local, remote, config.s3.keep_local).uploaded
+        manifest = run_backup(config, trigger=trigger, tag=tag, env=env)
+        result = CycleResult(manifest, pending_uploaded=pending_uploaded)
+        if on_backup is not None:
+            on_backup(manifest)
+        upload_error: UploadPending | None = None
+        if remote is not None:
+            from backupd.actions.upload import upload
+
+            try:
+                result.manifest = upload(local, remote, manifest, config.s3.keep_local)
+                result.uploaded = True
+            except UploadPending as exc:
+                upload_error = exc
+        if prune:
+            targets: list[Storage] = [local]
+            if remote is not None and upload_error is None:
+                targets.append(remote)
+            result.prune_reports = [
+                prune_location(storage, policy_for(config, storage.name), now=now_utc())
+                for storage in targets]
+    if upload_error is not None:
+        raise upload_error
+    return result

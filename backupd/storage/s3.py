@@ -1,0 +1,694 @@
+"""S3 (and S3-compatible) storage backend.
+
+Layout under the configured prefix (which ends with '/'):
+
+    <prefix><id>.json              the manifest: written last, the commit marker
+    <prefix><id>.rdb[.zst][.age]   the artifact (`Manifest.artifact`)
+
+Only keys directly under the prefix (no further '/') whose name is a valid backup id followed by
+'.' are ours. Anything else in the bucket is never listed, opened or deleted.
+
+Every botocore / boto3 error is turned into StorageError with a message for the operator that
+never contains the access key, the secret key or the userinfo of the endpoint URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import io
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from urllib.parse import urlsplit
+
+import boto3
+from boto3.exceptions import Boto3Error, S3UploadFailedError
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+)
+
+from backupd import manifest as mf
+from backupd.config import S3Config
+from backupd.errors import ConfigError, IntegrityError, StorageError, UsageError
+from backupd.manifest import Manifest
+from backupd.storage.base import DeleteResult, Listing, Orphan
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import ObjectIdentifierTypeDef, ObjectTypeDef
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+MIN_PART_SIZE = 8 * MiB
+MAX_PARTS_TARGET = 9000  # S3 allows 10,000 parts; keep a margin
+MAX_DELETE_BATCH = 1000  # DeleteObjects limit
+MAX_CONCURRENCY = 4  # parallel part uploads (memory: a few parts in flight)
+MANIFEST_READERS = 8  # parallel manifest GETs in list()
+ID_LEN = 23  # len("YYYYMMDDTHHMMSSZ-xxxxxx")
+META_ID = "backupd-id"
+META_SHA256 = "backupd-sha256"
+
+_Failures = list[tuple[str, str, str]]  # (name, code, message); in S3Storage `list` is a method
+_Target = tuple[str, str | None]  # (name relative to the prefix, version id)
+LOCKED = "locked"
+_BOTO_ERRORS: tuple[type[BaseException], ...] = (BotoCoreError, ClientError, Boto3Error)
+_CHECKSUMS = {"sha256": "SHA256", "crc32": "CRC32", "none": ""}
+
+
+def part_size(size: int) -> int:
+    """Multipart chunk size for a file of `size` bytes: at least 8 MiB, and large enough that
+    the upload needs at most 9,000 parts (S3's limit is 10,000)."""
+    return max(MIN_PART_SIZE, -(-max(size, 0) // MAX_PARTS_TARGET))
+
+
+def make_client(cfg: S3Config, env: Mapping[str, str] | None = None) -> S3Client:
+    """An S3 client for `cfg`: explicit credentials from the env vars named in the config when
+    they are set, otherwise the default AWS credential chain (env, profile, IMDS, IRSA...)."""
+    env = os.environ if env is None else env
+    key_id = env.get(cfg.access_key_id_env, "") if cfg.access_key_id_env else ""
+    secret = env.get(cfg.secret_access_key_env, "") if cfg.secret_access_key_env else ""
+    if bool(key_id) != bool(secret):
+        present, missing = ((cfg.access_key_id_env, cfg.secret_access_key_env) if key_id
+                            else (cfg.secret_access_key_env, cfg.access_key_id_env))
+        raise ConfigError(f"S3 credentials: environment variable {present} is set but "
+                          f"{missing} is not; set both or neither")
+    config = Config(
+        s3={"addressing_style": cast(Any, cfg.addressing_style)},
+        retries={"mode": "standard", "total_max_attempts": cfg.max_attempts},
+        connect_timeout=cfg.connect_timeout,
+        read_timeout=cfg.read_timeout,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    kwargs: dict[str, Any] = {"region_name": cfg.region or None, "config": config}
+    if cfg.endpoint_url:
+        _check_endpoint(cfg.endpoint_url)
+        kwargs["endpoint_url"] = cfg.endpoint_url
+    if key_id:
+        kwargs["aws_access_key_id"] = key_id
+        kwargs["aws_secret_access_key"] = secret
+    try:
+        # A session per client: boto3's default session is not thread-safe to create.
+        client: S3Client = boto3.session.Session().client("s3", **kwargs)
+        return client
+    except ValueError:
+        # botocore rejects a malformed endpoint URL with a message that quotes it.
+        raise ConfigError("key 's3.endpoint_url': not a valid URL (expected e.g. "
+                          "https://s3.example.com)") from None
+    except _BOTO_ERRORS as exc:
+        raise ConfigError(f"cannot create the S3 client: {type(exc).__name__}") from None
+
+
+def _check_endpoint(url: str) -> None:
+    """ConfigError (without the URL, which may hold credentials) unless `url` is http(s)."""
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        _ = parts.port  # raises ValueError for a bad port (or an unencoded '/' in userinfo)
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ConfigError("key 's3.endpoint_url': expected an http(s) URL such as "
+                          "https://s3.example.com (percent-encode reserved characters)")
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "")) or str(
+        exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+
+
+def _message(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Message", ""))
+
+
+def _is_lock_error(code: str, message: str) -> bool:
+    text = message.lower()
+    if code == "ObjectLocked":
+        return True
+    if code in ("AccessDenied", "InvalidRequest", "403"):
+        return "lock" in text or "retention" in text or "legal hold" in text
+    return False
+
+
+def _is_missing_md5(code: str, message: str) -> bool:
+    return code == "MissingContentMD5" or (
+        code in ("InvalidRequest", "InvalidArgument", "BadDigest")
+        and "content-md5" in message.lower())
+
+
+@dataclass(frozen=True)
+class _Key:
+    """An object under the prefix that is ours: `name` is the key without the prefix."""
+
+    name: str
+    backup_id: str
+    size: int
+    modified: datetime
+
+
+def _our_name(name: str) -> str | None:
+    """The backup id a name (key without prefix) belongs to, or None if it is not ours."""
+    if "/" in name or len(name) <= ID_LEN or name[ID_LEN] != ".":
+        return None
+    backup_id = name[:ID_LEN]
+    return backup_id if mf.is_valid_id(backup_id) else None
+
+
+class _Reader(io.RawIOBase):
+    """A raw stream over a botocore StreamingBody that maps read errors to StorageError."""
+
+    def __init__(self, body: Any, describe: Callable[[BaseException], str]) -> None:
+        super().__init__()
+        self._body = body
+        self._describe = describe
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        try:
+            data = self._body.read(len(view))
+        except _BOTO_ERRORS as exc:
+            raise StorageError(self._describe(exc)) from None
+        view[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        try:
+            self._body.close()
+        finally:
+            super().close()
+
+
+class S3Storage:
+    """Backups in an S3 bucket under a prefix. Thread-safe (boto3 clients are)."""
+
+    name = "s3"
+
+    def __init__(self, cfg: S3Config, env: Mapping[str, str] | None = None,
+                 client: S3Client | None = None) -> None:
+        if not cfg.bucket:
+            raise ConfigError("key 's3.bucket': expected a bucket name, got ''")
+        if cfg.prefix and (not cfg.prefix.endswith("/") or cfg.prefix.startswith("/")):
+            raise ConfigError(f"key 's3.prefix': expected a prefix ending with '/', "
+                              f"got {cfg.prefix!r}")
+        self.cfg = cfg
+        self.bucket = cfg.bucket
+        self.prefix = cfg.prefix
+        self.client: S3Client = client if client is not None else make_client(cfg, env)
+        env = os.environ if env is None else env
+        # Values that must never reach a message: redacted defensively from server messages.
+        secrets = [env.get(cfg.access_key_id_env or "", ""),
+                   env.get(cfg.secret_access_key_env or "", "")]
+        try:
+            parts = urlsplit(cfg.endpoint_url)
+            secrets += [parts.username or "", parts.password or ""]
+        except ValueError:
+            pass
+        self._secrets = sorted({v for v in secrets if len(v) >= 4}, key=len, reverse=True)
+        self._single_deletes = False  # set after a server rejected DeleteObjects (Content-MD5)
+
+    # -- errors ------------------------------------------------------------------------------
+
+    @property
+    def endpoint_host(self) -> str:
+        """host[:port] of the endpoint, without scheme, userinfo or path."""
+        url = self.client.meta.endpoint_url or self.cfg.endpoint_url
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname or "(unparsable URL)"
+            return f"{host}:{parts.port}" if parts.port else host
+        except ValueError:
+            return "(unparsable URL)"
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text[:300]
+
+    def _reason(self, exc: BaseException, key: str | None = None) -> str:
+        """What went wrong, for the operator; never contains credentials or endpoint userinfo."""
+        if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, ClientError):
+            exc = exc.__context__
+        if isinstance(exc, ClientError):
+            code, message = _code(exc), _message(exc)
+            if code == "NoSuchBucket" or (code == "404" and key is None):
+                return f"bucket {self.bucket} does not exist"
+            if code in ("NoSuchKey", "404"):
+                return f"object {key} does not exist"
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+                        "ExpiredToken", "InvalidClientTokenId"):
+                return "the S3 credentials were rejected"
+            if code in ("AccessDenied", "403", "AllAccessDisabled"):
+                return f"access denied to bucket {self.bucket} (check the IAM policy)"
+            if code in ("PermanentRedirect", "301", "IllegalLocationConstraintException"):
+                return (f"bucket {self.bucket} is in another region than the configured "
+                        f"{self.cfg.region!r}")
+            return self._scrub(f"{code}: {message}" if message else code)
+        if isinstance(exc, ReadTimeoutError):
+            return f"the S3 endpoint {self.endpoint_host} did not answer in time"
+        if isinstance(exc, ConnectionError):  # EndpointConnectionError, ConnectTimeoutError...
+            return f"cannot reach the S3 endpoint {self.endpoint_host}"
+        if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+            return (f"no S3 credentials found (set {self.cfg.access_key_id_env} and "
+                    f"{self.cfg.secret_access_key_env}, or use an instance/role profile)")
+        if isinstance(exc, BotoCoreError):
+            # botocore messages may quote the endpoint URL: report the error kind only.
+            return f"{type(exc).__name__} talking to {self.endpoint_host}"
+        return type(exc).__name__
+
+    def _error(self, action: str, exc: BaseException, key: str | None = None) -> StorageError:
+        return StorageError(f"S3: {action}: {self._reason(exc, key)}")
+
+    # -- keys --------------------------------------------------------------------------------
+
+    def _manifest_key(self, backup_id: str) -> str:
+        return f"{self.prefix}{mf.check_id(backup_id)}.json"
+
+    def _artifact_key(self, manifest: Manifest) -> str:
+        mf.check_id(manifest.id)
+        expected = mf.artifact_name(manifest.id, manifest.compression, manifest.encrypted) \
+            if manifest.compression in mf.COMPRESSION_EXT else None
+        if manifest.artifact != expected:
+            raise IntegrityError(f"manifest {manifest.id}: artifact name "
+                                 f"{manifest.artifact[:80]!r} does not match the id")
+        return self.prefix + manifest.artifact
+
+    def _scan(self) -> list[_Key]:
+        """Every object of ours directly under the prefix. Raises StorageError if the listing
+        fails part-way: a partial listing is never returned."""
+        keys: list[_Key] = []
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix,
+                                           Delimiter="/"):
+                for obj in page.get("Contents", []):
+                    key = self._our_key(obj)
+                    if key is not None:
+                        keys.append(key)
+        except _BOTO_ERRORS as exc:
+            raise self._error(f"cannot list bucket {self.bucket} prefix {self.prefix!r}",
+                              exc) from None
+        return keys
+
+    def _our_key(self, obj: ObjectTypeDef) -> _Key | None:
+        key = obj.get("Key", "")
+        if not key.startswith(self.prefix):
+            return None
+        name = key[len(self.prefix):]
+        backup_id = _our_name(name)
+        if backup_id is None:
+            return None
+        modified = obj.get("LastModified") or datetime.fromtimestamp(0, UTC)
+        return _Key(name, backup_id, int(obj.get("Size", 0)), modified)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def list(self) -> Listing:
+        """All backups (newest first), orphans and broken manifests.
+
+        Raises StorageError when the bucket cannot be listed completely (never returns a
+        partial listing); callers must then delete nothing. One bad manifest does not raise:
+        it goes to `broken`. A manifest that could not be *read* (network, permissions, not a
+        bad file) also goes to `broken` and sets `complete=False`.
+
+        Keys of an id whose manifest exists but is broken are neither backups nor orphans, so
+        that orphan cleanup never deletes the artifact of a backup it could not understand
+        (e.g. a manifest written by a newer backupd).
+        """
+        keys = self._scan()
+        by_id: dict[str, dict[str, _Key]] = {}
+        for key in keys:
+            by_id.setdefault(key.backup_id, {})[key.name] = key
+        with_manifest = sorted(i for i, names in by_id.items() if f"{i}.json" in names)
+        listing = Listing()
+        results: list[tuple[str, Manifest | None, str, bool]]
+        if with_manifest:
+            workers = min(MANIFEST_READERS, len(with_manifest))
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                results = list(pool.map(
+                    lambda i: self._load_manifest(i, by_id[i][f"{i}.json"].size),
+                    with_manifest))
+        else:
+            results = []
+        loaded: dict[str, Manifest] = {}
+        for backup_id, manifest, reason, readable in results:
+            if manifest is None:
+                listing.broken[backup_id] = reason
+                listing.complete = listing.complete and readable
+                continue
+            artifact = by_id[backup_id].get(manifest.artifact)
+            if artifact is None:
+                listing.broken[backup_id] = f"artifact {manifest.artifact} missing"
+            elif artifact.size != manifest.stored_size:
+                listing.broken[backup_id] = (f"artifact {manifest.artifact} is {artifact.size} "
+                                             f"bytes, the manifest says {manifest.stored_size}")
+            else:
+                loaded[backup_id] = manifest
+        for backup_id, names in by_id.items():
+            if backup_id in listing.broken:
+                continue
+            good = loaded.get(backup_id)
+            for name, key in names.items():
+                if good is not None and name in (f"{backup_id}.json", good.artifact):
+                    continue
+                listing.orphans.append(Orphan(name=name, modified=key.modified, size=key.size))
+        listing.manifests = sorted(loaded.values(), key=lambda m: m.id, reverse=True)
+        listing.orphans.sort(key=lambda o: o.name)
+        return listing
+
+    def _load_manifest(self, backup_id: str, size: int) -> tuple[str, Manifest | None, str,
+                                                                  bool]:
+        """(id, manifest or None, why not, whether the failure is the file's fault)."""
+        if size > mf.MAX_MANIFEST_BYTES:
+            return backup_id, None, f"manifest is larger than {mf.MAX_MANIFEST_BYTES} bytes", True
+        try:
+            return backup_id, self._fetch_manifest(backup_id), "", True
+        except IntegrityError as exc:
+            return backup_id, None, str(exc), True
+        except StorageError as exc:
+            return backup_id, None, str(exc), False
+
+    def _fetch_manifest(self, backup_id: str) -> Manifest:
+        key = self._manifest_key(backup_id)
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=key)
+            body = resp["Body"]
+            try:
+                data = body.read(mf.MAX_MANIFEST_BYTES + 1)
+            finally:
+                body.close()
+        except _BOTO_ERRORS as exc:
+            raise self._error(f"cannot read the manifest of backup {backup_id}", exc,
+                              key) from None
+        return mf.parse(data, expected_id=backup_id)
+
+    def read_manifest(self, backup_id: str) -> Manifest:
+        """The manifest of one backup: IntegrityError if unparsable, StorageError if absent or
+        unreadable, UsageError if `backup_id` is not an id."""
+        mf.check_id(backup_id)
+        return self._fetch_manifest(backup_id)
+
+    def open_artifact(self, manifest: Manifest) -> AbstractContextManager[BinaryIO]:
+        """A streaming reader of the stored artifact; StorageError if it is missing. Read
+        errors while streaming are raised as StorageError too."""
+        key = self._artifact_key(manifest)
+        return self._open(key, manifest.id)
+
+    @contextmanager
+    def _open(self, key: str, backup_id: str) -> Iterator[BinaryIO]:
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=key)
+        except _BOTO_ERRORS as exc:
+            raise self._error(f"cannot open the artifact of backup {backup_id}", exc,
+                              key) from None
+        raw = _Reader(resp["Body"], lambda exc: str(self._error(
+            f"reading the artifact of backup {backup_id} failed", exc, key)))
+        stream = io.BufferedReader(raw, buffer_size=MiB)
+        try:
+            yield stream
+        finally:
+            stream.close()
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _extra_args(self, manifest: Manifest) -> dict[str, Any]:
+        extra: dict[str, Any] = {
+            "Metadata": {META_ID: manifest.id, META_SHA256: manifest.stored_sha256},
+        }
+        algorithm = _CHECKSUMS[self.cfg.checksum]
+        if algorithm:
+            extra["ChecksumAlgorithm"] = algorithm
+        if self.cfg.storage_class:
+            extra["StorageClass"] = self.cfg.storage_class
+        if self.cfg.sse:
+            extra["ServerSideEncryption"] = self.cfg.sse
+            if self.cfg.sse == "aws:kms" and self.cfg.sse_kms_key_id:
+                extra["SSEKMSKeyId"] = self.cfg.sse_kms_key_id
+        return extra
+
+    def _retain_until(self) -> datetime:
+        return datetime.now(UTC) + timedelta(days=self.cfg.object_lock_days)
+
+    def put(self, artifact: Path, manifest: Manifest) -> None:
+        """Upload the artifact, check it arrived (size and metadata; the SHA-256 itself when
+        the server returns a full-object checksum), set Object Lock retention, then write the
+        manifest (the commit). On failure nothing is committed and StorageError is raised; a
+        stray artifact left behind is an orphan for `delete_orphans`."""
+        key = self._artifact_key(manifest)
+        try:
+            size = artifact.stat().st_size
+        except OSError as exc:
+            raise StorageError(f"cannot read {artifact}: {exc.strerror}") from None
+        if size != manifest.stored_size:
+            raise IntegrityError(f"{artifact} is {size} bytes, the manifest of backup "
+                                 f"{manifest.id} says {manifest.stored_size}")
+        chunk = part_size(size)
+        transfer = TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk,
+                                  max_concurrency=MAX_CONCURRENCY,
+                                  preferred_transfer_client="classic")
+        action = f"upload of backup {manifest.id} to bucket {self.bucket} failed"
+        try:
+            # s3transfer retries parts and aborts the multipart upload when it fails.
+            self.client.upload_file(Filename=str(artifact), Bucket=self.bucket, Key=key,
+                                    ExtraArgs=self._extra_args(manifest), Config=transfer)
+        except _BOTO_ERRORS as exc:
+            raise self._error(action, exc, key) from None
+        self._verify(key, size, manifest, action, single_part=size < chunk)
+        if self.cfg.object_lock_days > 0:
+            try:
+                self.client.put_object_retention(
+                    Bucket=self.bucket, Key=key,
+                    Retention={"Mode": cast(Any, self.cfg.object_lock_mode),
+                               "RetainUntilDate": self._retain_until()})
+            except _BOTO_ERRORS as exc:
+                self._discard(key)
+                raise self._error(f"setting Object Lock retention on backup {manifest.id} "
+                                  "failed", exc, key) from None
+        self._put_manifest(manifest, action)
+        log.debug("uploaded backup %s to s3 (%d bytes, %d-byte parts)", manifest.id, size, chunk)
+
+    def _verify(self, key: str, size: int, manifest: Manifest, action: str,
+                single_part: bool) -> None:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+        except _BOTO_ERRORS as exc:
+            raise self._error(action, exc, key) from None
+        problem = ""
+        stored = head.get("Metadata", {}).get(META_SHA256)
+        # Only a single-part PUT has a full-object SHA-256 (multipart: checksum of checksums).
+        full_sha = head.get("ChecksumSHA256", "") if single_part else ""
+        if head.get("ContentLength") != size:
+            problem = f"the stored object is {head.get('ContentLength')} bytes, not {size}"
+        elif stored != manifest.stored_sha256:
+            problem = "the stored object's sha256 metadata does not match the manifest"
+        elif (full_sha and "-" not in full_sha
+              and full_sha != base64.b64encode(bytes.fromhex(manifest.stored_sha256)).decode()):
+            problem = "the stored object's SHA-256 checksum does not match the manifest"
+        if problem:
+            self._discard(key)
+            raise StorageError(f"S3: {action}: {problem}; the object was deleted")
+
+    def _discard(self, key: str) -> None:
+        """Best-effort removal of an uncommitted artifact (else it is an orphan)."""
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except _BOTO_ERRORS as exc:
+            log.warning("could not delete uncommitted S3 object %s: %s", key,
+                        self._reason(exc, key))
+
+    def _put_manifest(self, manifest: Manifest, action: str) -> None:
+        key = self._manifest_key(manifest.id)
+        args: dict[str, Any] = {
+            "Bucket": self.bucket, "Key": key, "Body": manifest.to_json(),
+            "ContentType": "application/json",
+            "Metadata": {META_ID: manifest.id},
+        }
+        algorithm = _CHECKSUMS[self.cfg.checksum]
+        if self.cfg.object_lock_days > 0:
+            # Lock the commit marker too; Object Lock PUTs need a checksum header.
+            args["ObjectLockMode"] = self.cfg.object_lock_mode
+            args["ObjectLockRetainUntilDate"] = self._retain_until()
+            algorithm = algorithm or "SHA256"
+        if algorithm:
+            args["ChecksumAlgorithm"] = algorithm
+        extra = self._extra_args(manifest)
+        args.update({k: extra[k] for k in ("StorageClass", "ServerSideEncryption",
+                                           "SSEKMSKeyId") if k in extra})
+        try:
+            self.client.put_object(**args)
+        except _BOTO_ERRORS as exc:
+            raise self._error(f"{action} (writing the manifest)", exc, key) from None
+
+    # -- deleting ----------------------------------------------------------------------------
+
+    def delete(self, backup_ids: Iterable[str]) -> DeleteResult:
+        """Delete backups: every manifest first (one batch per 1000 keys), then the artifacts
+        and other keys of the ids whose manifest is gone, so an interrupted delete leaves
+        orphans, never a manifest without its artifact. A missing backup counts as deleted.
+
+        With `object_lock_days > 0` (a versioned bucket) every version of the backup's keys is
+        deleted by VersionId, so that retention is enforced and reported (`locked`, and the
+        backup stays complete and listed) instead of hidden behind a delete marker.
+        Per-id outcomes go to the result; StorageError is raised only when the bucket cannot
+        be listed (nothing was deleted then). UsageError for a non-id, before any deletion."""
+        ids = list(dict.fromkeys(mf.check_id(i) for i in backup_ids))
+        result = DeleteResult()
+        if not ids:
+            return result
+        owned: dict[str, builtins.list[_Target]] = {i: [] for i in ids}
+        for target in self._targets():
+            backup_id = target[0][:ID_LEN]
+            if backup_id in owned:
+                owned[backup_id].append(target)
+        manifests = [t for i in ids for t in owned[i] if t[0] == f"{i}.json"]
+        outcome = self._delete_targets(manifests, by_name=False)
+        rest = [t for i in ids if i not in outcome for t in owned[i] if t[0] != f"{i}.json"]
+        outcome.update(self._delete_targets(rest, by_name=False))
+        for backup_id in ids:
+            self._record(result, backup_id, outcome.get(backup_id))
+        return result
+
+    def delete_orphans(self, names: Iterable[str]) -> DeleteResult:
+        """Delete leftover objects (names relative to the prefix, as in `Listing.orphans`).
+        A name whose id has a manifest now (the backup was committed since the listing) is
+        skipped and reported as failed; a manifest name is a UsageError."""
+        wanted = list(dict.fromkeys(names))
+        for name in wanted:
+            if _our_name(name) is None or name.endswith(".json"):
+                raise UsageError(f"{name[:80]!r} is not the name of an orphaned backup object")
+        result = DeleteResult()
+        if not wanted:
+            return result
+        committed = {k.backup_id for k in self._scan() if k.name == f"{k.backup_id}.json"}
+        todo = set()
+        for name in wanted:
+            if _our_name(name) in committed:
+                result.failed[name] = "its backup has a manifest: not an orphan"
+            else:
+                todo.add(name)
+        targets = [t for t in self._targets() if t[0] in todo]
+        outcome = self._delete_targets(targets, by_name=True)
+        for name in wanted:
+            if name in todo:
+                self._record(result, name, outcome.get(name))
+        return result
+
+    @staticmethod
+    def _record(result: DeleteResult, owner: str, state: str | None) -> None:
+        if state is None:
+            result.deleted.append(owner)
+        elif state == LOCKED:
+            result.locked.append(owner)
+        else:
+            result.failed[owner] = state
+
+    def _targets(self) -> builtins.list[_Target]:
+        """(name, version id) of every object of ours: current objects only (version None),
+        or every version and delete marker when Object Lock is configured."""
+        if self.cfg.object_lock_days <= 0:
+            return [(k.name, None) for k in self._scan()]
+        targets: builtins.list[_Target] = []
+        try:
+            paginator = self.client.get_paginator("list_object_versions")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix,
+                                           Delimiter="/"):
+                entries = [*page.get("Versions", []), *page.get("DeleteMarkers", [])]
+                for entry in entries:
+                    key = entry.get("Key", "")
+                    name = key[len(self.prefix):]
+                    if key.startswith(self.prefix) and _our_name(name) is not None:
+                        targets.append((name, entry.get("VersionId")))
+        except _BOTO_ERRORS as exc:
+            raise self._error(f"cannot list object versions in bucket {self.bucket} prefix "
+                              f"{self.prefix!r}", exc) from None
+        return targets
+
+    def _delete_targets(self, targets: builtins.list[_Target], by_name: bool) -> dict[str, str]:
+        """Delete objects; returns {id (or name if by_name): LOCKED | error} for the owners of
+        objects not deleted. LOCKED wins over an error for the same owner."""
+        problems: dict[str, str] = {}
+        for start in range(0, len(targets), MAX_DELETE_BATCH):
+            for name, code, message in self._delete_batch(
+                    targets[start:start + MAX_DELETE_BATCH]):
+                owner = name if by_name else name[:ID_LEN]
+                if _is_lock_error(code, message):
+                    problems[owner] = LOCKED
+                elif problems.get(owner) != LOCKED:
+                    problems[owner] = self._scrub(": ".join(p for p in (name, code, message)
+                                                            if p))
+        return problems
+
+    def _delete_batch(self, targets: builtins.list[_Target]) -> _Failures:
+        """Delete up to 1000 objects; returns (name, code, message) of each failure."""
+        if not targets:
+            return []
+        if not self._single_deletes:
+            objects: builtins.list[ObjectIdentifierTypeDef] = []
+            for name, version in targets:
+                objects.append({"Key": self.prefix + name, "VersionId": version} if version
+                               else {"Key": self.prefix + name})
+            try:
+                resp = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
+            except ClientError as exc:
+                if not _is_missing_md5(_code(exc), _message(exc)):
+                    reason = self._reason(exc)
+                    return [(name, "", reason) for name, _ in targets]
+                log.warning("the S3 server rejected DeleteObjects without Content-MD5; "
+                            "deleting objects one by one")
+                self._single_deletes = True
+            except _BOTO_ERRORS as exc:
+                reason = self._reason(exc)
+                return [(name, "", reason) for name, _ in targets]
+            else:
+                failures: _Failures = []
+                for err in resp.get("Errors", []):
+                    key = err.get("Key", "")
+                    name = key[len(self.prefix):] if key.startswith(self.prefix) else key
+                    failures.append((name, err.get("Code", ""), err.get("Message", "")))
+                return failures
+        failures = []
+        for name, version in targets:
+            try:
+                if version:
+                    self.client.delete_object(Bucket=self.bucket, Key=self.prefix + name,
+                                              VersionId=version)
+                else:
+                    self.client.delete_object(Bucket=self.bucket, Key=self.prefix + name)
+            except ClientError as exc:
+                failures.append((name, _code(exc), _message(exc) or self._reason(exc)))
+            except _BOTO_ERRORS as exc:
+                failures.append((name, "", self._reason(exc)))
+        return failures
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def check_access(self) -> None:
+        """HeadBucket plus a one-key listing under the prefix; StorageError says what is wrong
+        (missing bucket, access denied, rejected credentials, unreachable endpoint)."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except _BOTO_ERRORS as exc:
+            raise self._error(f"cannot access bucket {self.bucket}", exc) from None
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+        except _BOTO_ERRORS as exc:
+            raise self._error(f"cannot list bucket {self.bucket} prefix {self.prefix!r}",
+                              exc) from None
