@@ -1,5 +1,6 @@
 # `make test` does everything on a fresh Debian machine: venv, package + test extras,
-# redis-server (apt-get, when missing), then ruff, mypy, hadolint and pytest.
+# redis-server (apt-get, when missing), then ruff, mypy, hadolint and pytest. Container tests
+# run when podman is set up (scripts/podman-setup.sh, as .ci/run does) and skip otherwise.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,6 +15,7 @@ test-slow: deps redis
 	$(BIN)/python -m pytest -q -m "slow" $(PYTEST_ARGS)
 
 test-container: deps redis
+	bash scripts/podman-setup.sh
 	$(BIN)/python -m pytest -q -m "container" tests/container $(PYTEST_ARGS)
 
 lint: deps
