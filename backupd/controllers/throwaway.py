@@ -1,0 +1,103 @@
+"""A throwaway redis-server that loads one RDB file: the engine of `backupd verify --drill`.
+
+It listens on a unix socket in a private temp dir and on no TCP port (`--port 0`), so a drill
+can run next to production without a port clash and without being reachable. The socket dir is
+short and in the system temp dir because unix socket paths are limited to ~107 bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+
+from backupd.errors import RestoreError
+
+VERSION_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+LOG_TAIL = 400
+
+
+def server_version(binary: str) -> str:
+    """`redis-server --version` -> '7.0.15'; RestoreError when the binary cannot run."""
+    if shutil.which(binary) is None:
+        raise RestoreError(f"{binary!r} is not an executable on PATH (key 'verify.redis_server'); "
+                           "the drill needs redis-server")
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                             timeout=VERSION_TIMEOUT, check=False, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RestoreError(f"cannot run {binary} --version: {exc}") from None
+    match = re.search(r"v=(\d+\.\d+\.\d+)", out.stdout) or re.search(r"(\d+\.\d+\.\d+)",
+                                                                      out.stdout)
+    if not match:
+        raise RestoreError(f"{binary} --version printed no version: {out.stdout[:100]!r}")
+    return match.group(1)
+
+
+@contextlib.contextmanager
+def throwaway_server(binary: str, rdb: Path, timeout: float) -> Iterator[redis.Redis]:
+    """Start `binary` on `rdb` (its directory is the server's dir), yield a client once the
+    data is loaded, and always stop the server and remove the socket dir."""
+    with tempfile.TemporaryDirectory(prefix="backupd-drill-") as sock_dir:
+        sock = str(Path(sock_dir) / "redis.sock")
+        log_file = rdb.parent / "redis-drill.log"
+        argv = [binary, "--port", "0", "--unixsocket", sock, "--unixsocketperm", "700",
+                "--dir", str(rdb.parent), "--dbfilename", rdb.name, "--save", "",
+                "--appendonly", "no", "--daemonize", "no", "--logfile", str(log_file)]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        client = redis.Redis(unix_socket_path=sock, decode_responses=True, protocol=2,
+                             socket_timeout=30)
+        try:
+            _wait_loaded(proc, client, log_file, timeout)
+            yield client
+        finally:
+            client.close()
+            _stop(proc)
+
+
+def _wait_loaded(proc: subprocess.Popen[bytes], client: redis.Redis, log_file: Path,
+                 timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        if proc.poll() is not None:
+            raise RestoreError(f"the drill redis-server exited with status {proc.returncode} "
+                               f"while loading: {_log_tail(log_file)}")
+        try:
+            if client.ping() and not int(client.info("persistence").get("loading", 0)):
+                return
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            pass  # not listening yet, or -LOADING (a ConnectionError subclass in redis-py)
+        if time.monotonic() >= deadline:
+            raise RestoreError(f"the drill redis-server did not finish loading within "
+                               f"{timeout:g}s (restore.start_timeout)")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()  # --save "": SIGTERM exits without writing anything
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(STOP_TIMEOUT)
+
+
+def _log_tail(log_file: Path) -> str:
+    try:
+        text = log_file.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "(no log)"
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return " | ".join(lines[-3:])[-LOG_TAIL:] or "(empty log)"
