@@ -94,6 +94,7 @@ class Manifest:
     backupd_version: str = ""
     warnings: list[str] = field(default_factory=list)
     upload: str = "none"
+    keys_exact: bool = False  # keys counted from the RDB itself, not from INFO a moment later
     format_version: int = FORMAT_VERSION
 
     @property
@@ -116,6 +117,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "rdb_checksum": str, "keys": int, "raw_size": int, "raw_sha256": str, "stored_size": int,
     "stored_sha256": str, "compression": str, "encryption": str, "artifact": str,
     "duration_s": (int, float), "backupd_version": str, "upload": str, "format_version": int,
+    "keys_exact": bool,
 }
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 

@@ -104,3 +104,89 @@ def max_rdb_version(redis_version: str) -> int:
         if (major, minor) >= (want_major, want_minor):
             return rdb_version
     return 5
+
+
+@dataclass(frozen=True)
+class DbSize:
+    db: int
+    keys: int
+    expires: int
+
+
+_OP_AUX, _OP_FUNCTION2, _OP_SELECTDB, _OP_RESIZEDB = 0xFA, 0xF5, 0xFE, 0xFB
+
+
+class _Head:
+    """A cursor over the first bytes of an RDB; IndexError when they run out."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = HEADER_SIZE
+
+    def byte(self) -> int:
+        value = self.data[self.pos]
+        self.pos += 1
+        return value
+
+    def length(self) -> tuple[int, bool]:
+        """A length, or (encoding, True) for a specially encoded string."""
+        first = self.byte()
+        kind = first >> 6
+        if kind == 0:
+            return first & 0x3F, False
+        if kind == 1:
+            return ((first & 0x3F) << 8) | self.byte(), False
+        if kind == 3:
+            return first & 0x3F, True
+        size = {0x80: 4, 0x81: 8}.get(first)
+        if size is None:
+            raise ValueError("bad length encoding")
+        value = int.from_bytes(self.data[self.pos:self.pos + size], "big")
+        self.pos += size
+        if self.pos > len(self.data):
+            raise IndexError
+        return value, False
+
+    def skip_string(self) -> None:
+        value, special = self.length()
+        if special:
+            if value == 3:  # LZF: compressed length, then the uncompressed length
+                compressed, _ = self.length()
+                self.length()
+                value = compressed
+            else:
+                value = {0: 1, 1: 2, 2: 4}[value]
+        self.pos += value
+        if self.pos > len(self.data):
+            raise IndexError
+
+
+def first_db_size(head: bytes) -> DbSize | None:
+    """The key count of the first database in the RDB, from its RESIZEDB opcode.
+
+    Redis writes these sizes at fork time, so they are exact where INFO keyspace, read a moment
+    later, may have drifted on a busy server. Only the first database sits before any key data;
+    None when the head is too short or holds something this parser does not skip.
+    An RDB with no database at all has 0 keys (db -1)."""
+    cursor = _Head(head)
+    try:
+        while True:
+            opcode = cursor.byte()
+            if opcode == _OP_AUX:
+                cursor.skip_string()
+                cursor.skip_string()
+            elif opcode == _OP_FUNCTION2:
+                cursor.skip_string()
+            elif opcode == EOF_OPCODE:
+                return DbSize(-1, 0, 0)
+            elif opcode == _OP_SELECTDB:
+                db, _ = cursor.length()
+                if cursor.byte() != _OP_RESIZEDB:
+                    return None
+                keys, _ = cursor.length()
+                expires, _ = cursor.length()
+                return DbSize(db, keys, expires)
+            else:
+                return None
+    except (IndexError, ValueError, KeyError):
+        return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -12,7 +13,14 @@ from pathlib import Path
 import filelock
 import pytest
 
-from tests.conftest import PASSWORD, RedisServer, fill, last_line, run_cli, write_config
+from tests.conftest import (
+    PASSWORD,
+    RedisServer,
+    fill,
+    last_line,
+    run_cli,
+    write_config,
+)
 
 
 def backup(config: Path, *extra: str) -> str:
@@ -209,3 +217,30 @@ def test_console_script_and_module_agree() -> None:
     assert via_script.returncode == 0
     assert via_script.stdout == run_cli("--version").stdout
     assert via_script.stdout.startswith("backupd, version")
+
+
+def test_key_count_is_exact_from_the_rdb(tmp_path: Path,
+                                         redis_factory: Callable[..., RedisServer]) -> None:
+    """Behind an AOF rewrite the save forks later than INFO is read: the RDB's own count wins."""
+    server = redis_factory("--appendonly", "yes")
+    fill(server, 1000)
+    backups = tmp_path / "backups"
+    config = write_config(tmp_path / "c.toml", server, backups)
+    client = server.client()
+    client.config_set("rdb-key-save-delay", 2000)  # rewrite and save take ~2 s each
+    client.bgrewriteaof()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backupd", "--log-format", "json", "-c", str(config), "backup"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "REDIS_PASSWORD": PASSWORD})
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "bgsave_requested" in line:
+            assert "Background saving scheduled" in line
+            break
+    client.set("written:before-the-fork", "1")  # INFO said 1001 keys; the RDB holds 1002
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    manifest = json.loads((backups / f"{last_line(out)}.json").read_text())
+    assert manifest["keys"] == 1002
+    assert manifest["keys_exact"] is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
@@ -17,10 +18,12 @@ from backupd.config import Config
 from backupd.errors import BusyError, IntegrityError, UsageError
 from backupd.manifest import Manifest
 from backupd.pipeline import Counter, ObservedWriter, copy_stream, pack
+from backupd.rdb import first_db_size
 from backupd.storage.local import LocalStorage, ensure_dir
 
 log = structlog.get_logger("backupd.backup")
 LOCK_NAME = ".backupd.lock"
+HEAD_BYTES = 1 << 20  # enough for the AUX fields and functions before the first database
 MAX_TAG = 128
 
 
@@ -70,6 +73,19 @@ def anomalies(keys: int, raw_size: int, previous: Manifest | None) -> list[str]:
     return warnings
 
 
+def count_keys(head: bytes, keyspace: dict[str, int]) -> tuple[dict[str, int], bool]:
+    """Keys per database, exact where the RDB says so: its first database's RESIZEDB sizes
+    are the counts at fork time; other databases keep the INFO keyspace counts."""
+    size = first_db_size(head)
+    if size is None:
+        return keyspace, False
+    if size.db < 0:
+        return {}, True
+    first = f"db{size.db}"
+    per_db = {**keyspace, first: size.keys}
+    return per_db, not any(count for db, count in keyspace.items() if db != first)
+
+
 def check_tag(tag: str) -> str:
     if len(tag) > MAX_TAG or not tag.isprintable():
         raise UsageError(f"--tag must be printable text of at most {MAX_TAG} characters")
@@ -98,19 +114,22 @@ def run_backup(config: Config, *, trigger: str = "manual", tag: str = "",
                           compression=config.backup.compression,
                           level=config.backup.compression_level,
                           recipients=config.backup.age_recipients)
+            keys_per_db, keys_exact = count_keys(os.pread(snap.file.fileno(), HEAD_BYTES, 0),
+                                                 snap.server.keys_per_db)
     finally:
         client.close()
+    keys = sum(keys_per_db.values())
     manifest = Manifest(
         id=backup_id, created_at=mf.format_time(moment), trigger=trigger, tag=tag,
         redis=snap.server.facts, rdb_version=packed.rdb.version,
-        rdb_checksum=packed.rdb.checksum, keys=snap.server.keys,
-        keys_per_db=snap.server.keys_per_db, raw_size=packed.raw.size,
+        rdb_checksum=packed.rdb.checksum, keys=keys, keys_per_db=keys_per_db,
+        keys_exact=keys_exact, raw_size=packed.raw.size,
         raw_sha256=packed.raw.sha256, stored_size=packed.stored.size,
         stored_sha256=packed.stored.sha256, compression=config.backup.compression,
         encryption="age" if encrypted else "none", artifact=name,
         age_recipients=list(config.backup.age_recipients),
         duration_s=round(time.monotonic() - started, 3), backupd_version=__version__,
-        warnings=anomalies(snap.server.keys, packed.raw.size, previous),
+        warnings=anomalies(keys, packed.raw.size, previous),
         upload="pending" if config.s3.enabled else "none",
     )
     _check_stored(storage, manifest)
