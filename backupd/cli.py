@@ -281,7 +281,11 @@ def config_group() -> None:
 @handle_errors
 def config_check(state: State, check_remote: bool) -> None:
     """Validate the configuration and print it, secrets shown as ***."""
+    from backupd import notify, schedule
+
     cfg = state.config()
+    schedule.plan(cfg)
+    notify.validate(cfg.notify)
     effective = config_mod.effective(cfg)
     password = config_mod.redis_password(cfg.redis)
     effective["redis"]["password"] = "***" if password else "(not set)"

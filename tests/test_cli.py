@@ -244,3 +244,14 @@ def test_key_count_is_exact_from_the_rdb(tmp_path: Path,
     manifest = json.loads((backups / f"{last_line(out)}.json").read_text())
     assert manifest["keys"] == 1002
     assert manifest["keys_exact"] is True
+
+
+def test_config_check_validates_schedule_and_notify(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[backup]\ndir = "/tmp/x"\n[schedule]\ncron = "61 * * * *"\n')
+    proc = run_cli("-c", str(config), "config", "check")
+    assert proc.returncode == 2 and "schedule.cron" in proc.stderr
+    config.write_text('[backup]\ndir = "/tmp/x"\n[notify]\nwebhook_url = "ftp://x/secret-1"\n')
+    proc = run_cli("-c", str(config), "config", "check")
+    assert proc.returncode == 2 and "notify.webhook_url" in proc.stderr
+    assert "secret-1" not in proc.stderr
