@@ -126,6 +126,19 @@ def test_needs_a_container_or_a_project() -> None:
         ctl.check()
 
 
+def test_project_defaults_to_the_sidecars_own_compose_project() -> None:
+    """In compose, `restore.method = "docker"` alone is enough: the sidecar's own labels name
+    the project, and the Redis service is found in it."""
+    import socket
+
+    me = FakeContainer(socket.gethostname(), compose_labels("shop", "backupd"))
+    redis_c = FakeContainer("shop-redis-1", compose_labels("shop", "redis"))
+    other = FakeContainer("blog-redis-1", compose_labels("blog", "redis"))
+    ctl, _ = controller([me, other, redis_c], compose_project="")
+    ctl.check()
+    assert ctl.container() is redis_c
+
+
 def test_stop_waits_until_not_running_and_client_timeout_exceeds_grace() -> None:
     container = FakeContainer("redis", lag=3)
     ctl, made = controller([container], docker_container="redis", stop_timeout=90.0,

@@ -11,6 +11,7 @@ timeout, and `stop` blocks for up to the stop grace period, so the client timeou
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -50,6 +51,7 @@ class DockerController:
         self._factory = client_factory
         self._client: Any = None
         self._container: Any = None
+        self._project = cfg.compose_project
 
     @property
     def client_timeout(self) -> int:
@@ -62,14 +64,29 @@ class DockerController:
     def _target(self) -> str:
         if self.cfg.docker_container:
             return repr(self.cfg.docker_container)
-        return (f"with labels {PROJECT_LABEL}={self.cfg.compose_project}, "
+        return (f"with labels {PROJECT_LABEL}={self._project or '?'}, "
                 f"{SERVICE_LABEL}={self.cfg.compose_service}")
 
     def check(self) -> None:
         if not self.cfg.docker_container and not self.cfg.compose_project:
-            raise ConfigError("restore.method is 'docker' but neither key "
-                              "'restore.docker_container' nor 'restore.compose_project' is set")
+            with self._api("inspect this container's compose labels"):
+                self._project = self._own_project()
+            if not self._project:
+                raise ConfigError(
+                    "restore.method is 'docker' but neither key 'restore.docker_container' "
+                    "nor 'restore.compose_project' is set, and this container has no compose "
+                    "project label to take it from")
         self.container()
+
+    def _own_project(self) -> str:
+        """Inside compose, this sidecar's own project label names the Redis service's project."""
+        import docker
+
+        try:
+            own = self._connect().containers.get(socket.gethostname())
+        except docker.errors.NotFound:
+            return ""
+        return str(own.labels.get(PROJECT_LABEL, ""))
 
     def container(self) -> Any:
         """The Redis container (looked up once per restore)."""
@@ -88,7 +105,7 @@ class DockerController:
             except docker.errors.NotFound:
                 raise RestoreError(f"no container named {self.cfg.docker_container!r} "
                                    "(key 'restore.docker_container')") from None
-        labels = [f"{PROJECT_LABEL}={self.cfg.compose_project}",
+        labels = [f"{PROJECT_LABEL}={self._project}",
                   f"{SERVICE_LABEL}={self.cfg.compose_service}"]
         found = [c for c in client.containers.list(all=True, filters={"label": labels})
                  if str(c.labels.get(ONEOFF_LABEL, "False")).lower() != "true"]
