@@ -3,21 +3,15 @@ real restore through the Docker Engine API (podman) when DOCKER_HOST points at o
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import docker
 import docker.errors
 import pytest
-import redis
 
 from backupd.config import RestoreConfig
 from backupd.controllers.docker import DockerController
 from backupd.errors import ConfigError, RestoreError
-from tests.conftest import free_port, last_line, run_cli, wait_until
 
 # -- a stand-in for the docker SDK client (the engine is not what these tests are about) -------
 
@@ -169,89 +163,3 @@ def test_api_errors_name_the_action_and_hide_userinfo() -> None:
     with pytest.raises(RestoreError, match="cannot stop the Redis container") as info:
         ctl.stop()
     assert "hunter22" not in str(info.value) and "docker.internal:2375" in str(info.value)
-
-
-# -- a real engine -----------------------------------------------------------------------------
-
-REDIS_IMAGE = os.environ.get("BACKUPD_TEST_REDIS_IMAGE", "localhost/redis-test:7")
-PASSWORD = "docker-test-pw-3141"
-
-
-@pytest.fixture
-def engine() -> Iterator[docker.DockerClient]:
-    if not os.environ.get("DOCKER_HOST"):
-        pytest.skip("DOCKER_HOST is not set (podman system service, see shared notes)")
-    try:
-        client = docker.from_env(timeout=120)
-        client.ping()
-        client.images.get(REDIS_IMAGE)
-    except docker.errors.ImageNotFound:
-        pytest.skip(f"image {REDIS_IMAGE} is missing (scripts/podman-setup.sh builds it)")
-    except (docker.errors.DockerException, OSError) as exc:
-        pytest.skip(f"Docker Engine API at DOCKER_HOST is unreachable: {exc}")
-    yield client
-    client.close()
-
-
-@pytest.mark.docker
-@pytest.mark.timeout(300)
-def test_restore_through_the_engine_api(engine: docker.DockerClient, tmp_path: Path) -> None:
-    name = f"backupd-restore-test-{uuid.uuid4().hex[:8]}"
-    volume = engine.volumes.create(name=f"{name}-data")
-    port = free_port()
-    container = engine.containers.run(
-        REDIS_IMAGE, ["--port", str(port), "--bind", "127.0.0.1", "--requirepass", PASSWORD,
-                      "--save", "3600 1"],
-        name=name, detach=True, network_mode="host",
-        volumes={volume.name: {"bind": "/data", "mode": "rw"}},
-        restart_policy={"Name": "unless-stopped"})
-    client = redis.Redis(port=port, password=PASSWORD, decode_responses=True, socket_timeout=5)
-
-    def ready() -> bool:
-        try:
-            return bool(client.ping()) and not int(client.info("persistence")["loading"])
-        except redis.exceptions.ConnectionError:
-            return False
-
-    try:
-        wait_until(ready, 60, "redis in the container")
-        client.mset({f"k{i}": str(i) for i in range(500)})
-        config = tmp_path / "config.toml"
-        config.write_text(f"""
-[redis]
-port = {port}
-data_dir = "{volume.attrs['Mountpoint']}"
-[backup]
-dir = "{tmp_path / 'backups'}"
-[restore]
-method = "docker"
-docker_url = "{os.environ['DOCKER_HOST']}"
-docker_container = "{name}"
-stop_timeout = "20s"
-start_timeout = "60s"
-""")
-        env = {"REDIS_PASSWORD": PASSWORD}
-        made = run_cli("-c", str(config), "backup", "--no-prune", password=PASSWORD)
-        assert made.returncode == 0, made.stderr
-        backup_id = last_line(made.stdout)
-        client.flushall()
-        client.set("after", "backup")
-        proc = run_cli("-c", str(config), "restore", backup_id, "--yes", env=env, timeout=240)
-        assert proc.returncode == 0, proc.stderr
-        wait_until(ready, 60, "redis after the restore")
-        assert client.dbsize() == 500 and client.get("k7") == "7" and client.get("after") is None
-        # Not running before: the files are swapped and the container stays stopped.
-        container.stop(timeout=20)
-        proc = run_cli("-c", str(config), "restore", backup_id, "--yes", env=env, timeout=240)
-        assert proc.returncode == 0, proc.stderr
-        container.reload()
-        assert container.status != "running" and "left stopped" in proc.stdout
-        proc = run_cli("-c", str(config), "restore", backup_id, "--yes", "--start", env=env,
-                       timeout=240)
-        assert proc.returncode == 0, proc.stderr
-        wait_until(ready, 60, "redis after --start")
-        assert client.dbsize() == 500
-    finally:
-        client.close()
-        container.remove(force=True)
-        volume.remove(force=True)

@@ -77,7 +77,7 @@ def _run_logged(cmd: list[str], log: Path, timeout: float, what: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def _podman_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def podman_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """podman ready and its Docker Engine API served on SOCKET_PATH; yields the base URL."""
     if os.environ.get("BACKUPD_SKIP_CONTAINER") == "1":
         pytest.skip("BACKUPD_SKIP_CONTAINER=1")
@@ -121,15 +121,15 @@ def _podman_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def docker_client(_podman_service: str) -> Iterator[docker.DockerClient]:
+def docker_client(podman_api: str) -> Iterator[docker.DockerClient]:
     # The SDK's read timeout is this + 10 s: long enough for a container stop grace period.
-    client = docker.DockerClient(base_url=_podman_service, timeout=120)
+    client = docker.DockerClient(base_url=podman_api, timeout=120)
     yield client
     client.close()
 
 
 @pytest.fixture(scope="session")
-def backupd_image(_podman_service: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+def backupd_image(podman_api: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The backupd image built from the working tree (layer cache makes rebuilds quick)."""
     log = tmp_path_factory.mktemp("build") / "build.log"
     _run_logged(["podman", "build", *BUILD_FLAGS, "--label", "backupd-test-build=1",
@@ -143,7 +143,7 @@ def backupd_image(_podman_service: str, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="session")
-def redis_image(_podman_service: str) -> str:
+def redis_image(podman_api: str) -> str:
     """Debian's redis-server 7.0 as uid 999 with dir /data, like the official image."""
     return REDIS_IMAGE
 

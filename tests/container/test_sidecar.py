@@ -61,7 +61,7 @@ CONFIG_IN_CONTAINER = "/etc/backupd/config.toml"
 
 
 @pytest.fixture(scope="module")
-def sidecar_api_socket(_podman_service: str,
+def sidecar_api_socket(podman_api: str,
                        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A Docker Engine API socket that the backupd container (uid 999) may use.
 
