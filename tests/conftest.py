@@ -67,9 +67,9 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        wait_until(self._answers, 10, f"redis-server on port {self.port}")
+        wait_until(self.answers, 10, f"redis-server on port {self.port}")
 
-    def _answers(self) -> bool:
+    def answers(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             log = (self.dir / "redis.log")
             raise AssertionError("redis-server exited: " + (log.read_text()[-2000:]
@@ -80,8 +80,8 @@ class RedisServer:
                 return bool(client.ping()) and not int(client.info("persistence")["loading"])
             finally:
                 client.close()
-        except (redis.exceptions.ConnectionError, redis.exceptions.BusyLoadingError):
-            return False
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            return False  # BusyLoadingError is a ConnectionError
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, password=self.password, decode_responses=True,

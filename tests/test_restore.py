@@ -89,14 +89,7 @@ class Service:
         wait_until(self.ready, 20, f"redis on port {self.server.port}")
 
     def ready(self) -> bool:
-        try:
-            client = self.client()
-            try:
-                return bool(client.ping()) and not int(client.info("persistence")["loading"])
-            finally:
-                client.close()
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-            return False
+        return self.server.answers()
 
     def answers(self) -> bool:
         try:
