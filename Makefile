@@ -19,7 +19,7 @@ test-container: deps redis
 	$(BIN)/python -m pytest -q -m "container" tests/container $(PYTEST_ARGS)
 
 lint: deps
-	$(BIN)/ruff check backupd tests bench
+	$(BIN)/ruff check backupd tests $(wildcard bench)
 	$(BIN)/mypy
 	@if [ -f Dockerfile ]; then $(BIN)/hadolint Dockerfile; fi
 
