@@ -23,6 +23,10 @@ CONFIG_ENV = "BACKUPD_CONFIG"
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+# Longer durations overflow socket timeouts and datetimes at run time, after `config check`
+# said valid; nobody means them.
+MAX_DURATION, MAX_DURATION_TEXT = 3650 * 86400.0, "3650d"
+MAX_LOCK_DAYS = 36500
 
 
 def parse_duration(text: str) -> float:
@@ -30,7 +34,10 @@ def parse_duration(text: str) -> float:
     match = _DURATION_RE.match(text)
     if not match:
         raise ValueError(f"{text!r} is not a duration (expected e.g. 90s, 15m, 2h, 1d)")
-    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if not seconds <= MAX_DURATION:  # also inf (400 digits): sockets and dates overflow
+        raise ValueError(f"{text[:20]!r} is longer than {MAX_DURATION_TEXT}")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:
@@ -192,8 +199,8 @@ def _coerce(f: dataclasses.Field[Any], value: Any, from_env: bool) -> Any:
     annotation = str(f.type)
     if kind == "duration":
         if isinstance(value, int | float) and not isinstance(value, bool) and not from_env:
-            if value < 0:
-                raise _Invalid("a duration >= 0")
+            if not 0 <= value <= MAX_DURATION:  # also TOML's nan and inf
+                raise _Invalid(f"a duration from 0 to {MAX_DURATION_TEXT}")
             return float(value)
         if not isinstance(value, str):
             raise _Invalid("a duration string such as 90s, 15m, 2h or 1d")
@@ -202,7 +209,8 @@ def _coerce(f: dataclasses.Field[Any], value: Any, from_env: bool) -> Any:
         try:
             return parse_duration(value)
         except ValueError:
-            raise _Invalid("a duration such as 90s, 15m, 2h or 1d") from None
+            raise _Invalid(f"a duration such as 90s, 15m, 2h or 1d (at most "
+                           f"{MAX_DURATION_TEXT})") from None
     if kind == "strings":
         if from_env and isinstance(value, str):
             value = _env_list(value)
@@ -361,8 +369,9 @@ def _validate(config: Config, origin: str) -> None:
                       s3.prefix)
         if s3.max_attempts < 1:
             raise bad("s3.max_attempts", "a number of attempts >= 1", s3.max_attempts)
-        if s3.object_lock_days < 0:
-            raise bad("s3.object_lock_days", "a number of days >= 0", s3.object_lock_days)
+        if not 0 <= s3.object_lock_days <= MAX_LOCK_DAYS:
+            raise bad("s3.object_lock_days", f"a number of days from 0 to {MAX_LOCK_DAYS}",
+                      s3.object_lock_days)
     m = config.metrics
     if m.listen:
         parse_listen(m.listen, origin)
@@ -373,7 +382,7 @@ def _validate(config: Config, origin: str) -> None:
 
 def parse_listen(listen: str, origin: str = "config") -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not port.isascii() or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{origin}: key 'metrics.listen': expected HOST:PORT such as "
                           f"'0.0.0.0:9721', got {listen!r}")
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - a sidecar port

@@ -30,7 +30,7 @@ def new_id(now: datetime) -> str:
 
 
 def is_valid_id(text: str) -> bool:
-    return isinstance(text, str) and ID_RE.match(text) is not None
+    return isinstance(text, str) and ID_RE.fullmatch(text) is not None  # `$` allows a "\n"
 
 
 def check_id(text: str) -> str:
@@ -119,7 +119,9 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "duration_s": (int, float), "backupd_version": str, "upload": str, "format_version": int,
     "keys_exact": bool,
 }
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_FACT_TYPES: dict[str, type] = {"version": str, "host": str, "port": int, "role": str,
+                                "run_id": str, "aof_enabled": bool}
 
 
 def parse(data: bytes, expected_id: str | None = None) -> Manifest:
@@ -129,7 +131,7 @@ def parse(data: bytes, expected_id: str | None = None) -> Manifest:
         raise IntegrityError(f"{where} is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
         raw = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested deep
         raise IntegrityError(f"{where} is not valid JSON") from None
     if not isinstance(raw, dict):
         raise IntegrityError(f"{where} is not a JSON object")
@@ -156,7 +158,7 @@ def parse(data: bytes, expected_id: str | None = None) -> Manifest:
     if values["artifact"] != expected_artifact:
         raise IntegrityError(f"{where}: field 'artifact' must be {expected_artifact!r}")
     for key in ("raw_sha256", "stored_sha256"):
-        if not _HEX64.match(values[key]):
+        if not _HEX64.fullmatch(values[key]):
             raise IntegrityError(f"{where}: field {key!r} is not a SHA-256 hex digest")
     for key in ("raw_size", "stored_size"):
         if values[key] < 0:
@@ -168,11 +170,12 @@ def parse(data: bytes, expected_id: str | None = None) -> Manifest:
     redis_raw = raw.get("redis", {})
     if not isinstance(redis_raw, dict):
         raise IntegrityError(f"{where}: field 'redis' is not an object")
-    try:
-        facts = RedisFacts(**{f.name: redis_raw[f.name] for f in dataclasses.fields(RedisFacts)
-                              if f.name in redis_raw})
-    except TypeError:
-        raise IntegrityError(f"{where}: field 'redis' is malformed") from None
+    known = {f.name: redis_raw[f.name] for f in dataclasses.fields(RedisFacts)
+             if f.name in redis_raw}
+    if not all(isinstance(v, _FACT_TYPES[k]) and (k == "aof_enabled" or not isinstance(v, bool))
+               for k, v in known.items()):
+        raise IntegrityError(f"{where}: field 'redis' is malformed")
+    facts = RedisFacts(**known)
     keys_per_db = raw.get("keys_per_db", {})
     if not isinstance(keys_per_db, dict) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in keys_per_db.values()):

@@ -36,8 +36,12 @@ def validate(cfg: NotifyConfig) -> None:
                      ("notify.healthchecks_url", cfg.healthchecks_url)):
         if not url:
             continue
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:  # e.g. an unclosed '[' of an IPv6 host
+            valid = False
+        if not valid:
             raise ConfigError(f"key {key!r}: expected an http:// or https:// URL, got '***'")
     if cfg.timeout <= 0:
         raise ConfigError("key 'notify.timeout': expected a duration > 0 such as '10s'")

@@ -58,7 +58,7 @@ class RdbChecker:
             if self._tail:
                 self._crc = self._model.calc(self._tail, init=self._crc)
                 self._before_tail = self._tail[-1]
-            body = chunk[:-TRAILER_SIZE]
+            body = memoryview(chunk)[:-TRAILER_SIZE]  # no copy of the chunk
             if len(body):
                 self._crc = self._model.calc(body, init=self._crc)
                 self._before_tail = body[-1]

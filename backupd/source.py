@@ -193,7 +193,7 @@ def snapshot(client: redis.Redis, cfg: RedisConfig, backup_dir: Path) -> Iterato
             reply = _request_save(client, deadline)
             at_save = server_info(client, cfg)
             log.info("bgsave_requested", reply=reply, keys=at_save.keys)
-            _wait_for_save(client, deadline, saves_before)
+            _wait_for_save(client, deadline, saves_before, before.facts.run_id)
             state = _persistence(client)
         if state.get("rdb_last_bgsave_status") != "ok":
             raise SnapshotError(
@@ -218,18 +218,29 @@ def snapshot(client: redis.Redis, cfg: RedisConfig, backup_dir: Path) -> Iterato
         yield Snapshot(fh, dump, stat.st_size, at_save, reply)
 
 
-def _wait_for_save(client: redis.Redis, deadline: float, saves_before: int) -> None:
+def _wait_for_save(client: redis.Redis, deadline: float, saves_before: int,
+                   run_id: str = "") -> None:
     if saves_before < 0:  # Redis < 7.0 has no rdb_saves: wait for the child to go away
-        _poll(deadline, "the snapshot", lambda: not int(
+        _poll(deadline, "the snapshot", lambda: _same_server(client, run_id) and not int(
             _persistence(client).get("rdb_bgsave_in_progress", 0)))
         return
 
     def finished() -> bool:
+        _same_server(client, run_id)
         state = _persistence(client)
         return (int(state.get("rdb_saves", 0)) > saves_before
                 and not int(state.get("rdb_bgsave_in_progress", 0)))
 
     _poll(deadline, "the snapshot", finished)
+
+
+def _same_server(client: redis.Redis, run_id: str) -> bool:
+    """SnapshotError when Redis restarted since the save was requested: redis-py reconnects
+    silently, and the new process would never count our save (its rdb_saves starts at 0)."""
+    if run_id and str(client.info("server").get("run_id", "")) != run_id:
+        raise SnapshotError("Redis restarted during the snapshot (its run_id changed): the "
+                            "save was lost; no backup was made, the next run takes a new one")
+    return True
 
 
 @contextlib.contextmanager

@@ -57,9 +57,9 @@ class Catalog:
 
     def find(self, selector: str) -> Entry:
         """`latest` or an exact id."""
-        if not self.entries:
-            raise StorageError("there are no backups yet")
         if selector == "latest":
+            if not self.entries:
+                raise StorageError("there are no backups yet")
             return self.entries[0]
         mf.check_id(selector)
         for entry in self.entries:

@@ -59,6 +59,19 @@ def policy_for(config: Config, location: str) -> Policy:
 
 def prune_location(storage: Storage, policy: Policy, *, now: datetime, dry_run: bool = False,
                    orphans: bool = False) -> Report:
+    """Plan and delete; a prune that could not run or could not delete is logged as a warning
+    or an error (a backup run prunes too, and its exit code is about the backup)."""
+    report = _prune(storage, policy, now=now, dry_run=dry_run, orphans=orphans)
+    if report.error:
+        log.warning("prune_skipped", location=storage.name, error=report.error)
+    if report.failed:
+        log.error("prune_failed", location=storage.name, failed=report.failed,
+                  hint="what was not deleted is kept; the next prune tries again")
+    return report
+
+
+def _prune(storage: Storage, policy: Policy, *, now: datetime, dry_run: bool,
+           orphans: bool) -> Report:
     report = Report(storage.name)
     try:
         listing = storage.list()

@@ -48,8 +48,8 @@ from typing import Any, NoReturn
 import redis
 import structlog
 
+from backupd import checkpoints, source
 from backupd import manifest as mf
-from backupd import source
 from backupd.actions.backup import backup_lock
 from backupd.actions.catalog import Catalog, Entry, storages
 from backupd.config import Config, RedisConfig, RestoreConfig
@@ -518,8 +518,17 @@ def fetch_and_check(selected: Selected, sink: Any, identities: Sequence[Any],
     m = selected.manifest
     with _Meter(m.stored_size, f"download+verify {m.id} [{selected.storage.name}]", bar) as meter, \
             selected.storage.open_artifact(m) as stored:
-        result = unpack(ObservedReader(stored, meter), sink, compression=m.compression,
-                        encrypted=m.encrypted, identities=identities)
+        marks = checkpoints.ByteMarks([(CHUNK, "restore-fetch")])
+        try:
+            result = unpack(ObservedReader(stored, meter, marks), sink,
+                            compression=m.compression, encrypted=m.encrypted,
+                            identities=identities)
+        except OSError as exc:
+            if exc.errno is not None:  # a real I/O error (reading, or writing the staging)
+                raise
+            # pyrage.decrypt_io reports a failed payload MAC as a bare OSError
+            raise IntegrityError(f"backup {m.id} [{selected.storage.name}] is corrupt: "
+                                 f"cannot decrypt it: {exc}") from None
     problems = []
     if (result.stored.size, result.stored.sha256) != (m.stored_size, m.stored_sha256):
         problems.append("the stored artifact's SHA-256/size differ from the manifest")
@@ -633,6 +642,7 @@ class Journal:
 
     def save(self, pre_dir: Path) -> None:
         write_atomic(pre_dir / JOURNAL, (json.dumps(asdict(self), indent=2) + "\n").encode())
+        checkpoints.reached(f"restore-{self.state}")
 
     def advance(self, pre_dir: Path, state: str) -> None:
         self.state = state
@@ -762,6 +772,7 @@ def swap_in(run: Run, staged: Staged) -> None:
     run.journal.entries = {name: os.path.lexists(run.data_dir / name) for name in staged.entries}
     run.journal.advance(run.pre_dir, SWAPPING)
     move_aside(run)
+    checkpoints.reached("restore-moved")
     install(run, staged)
     run.journal.advance(run.pre_dir, SWAPPED)
     log.info("restore_step", step=5, what="files swapped", entries=staged.entries,
@@ -859,7 +870,9 @@ def roll_back(run: Run, start: bool) -> RolledBack:
         if answers:
             _quiet_before_stop(run)
         _stop_for_rollback(run)
+        checkpoints.reached("rollback-stopped")
     put_back(run)
+    checkpoints.reached("rollback-put-back")
     started = False
     if run.journal.was_running or start:
         run.controller.start()
@@ -1043,6 +1056,7 @@ def restore(config: Config, opts: Options, ui: Ui,
             return 0
         staged = stage(selected, prepared.target, ctx.data_dir, identities, prepared.owner,
                        ui.progress)
+        checkpoints.reached("restore-staged")
         try:
             check_version(selected.manifest, staged.rdb_version, prepared.target,
                           ctx.controller, ctx.data_dir)
@@ -1096,6 +1110,7 @@ def _replace(ctx: Context, selected: Selected, prepared: Prepared, staged: Stage
     target = prepared.target
     if prepared.snapshot:
         _safety_snapshot(ctx)
+        checkpoints.reached("restore-snapshot")
     keys_before, config_before = _current_state(ctx, target)
     pre_dir = new_pre_dir(ctx.data_dir)
     journal = Journal(
@@ -1162,11 +1177,13 @@ def _stop_and_swap(run: Run, target: Target, staged: Staged, should_start: bool)
     if target.running:
         run.journal.advance(run.pre_dir, STOPPING)
         run.controller.stop()
+        checkpoints.reached("restore-stopped")
         log.info("restore_step", step=4, what="Redis stopped", method=run.controller.name)
     swap_in(run, staged)
     if should_start:
         run.journal.advance(run.pre_dir, RESTARTING)
         run.controller.start()
+        checkpoints.reached("restore-started")
         log.info("restore_step", step=6, what="Redis started; waiting for load")
 
 
@@ -1282,8 +1299,15 @@ def rollback(config: Config, opts: Options, ui: Ui,
     with backup_lock(Path(config.backup.dir)):
         found = pre_dirs(ctx.data_dir)
         if not found:
+            # A restore killed before step 4 changed nothing but may have left its staging
+            # copy (a whole RDB on Redis's data volume): remove it (we hold the lock that
+            # every restore holds, so no restore is staging now).
+            stale = staging_dirs(ctx.data_dir)
+            for staging in stale:
+                _remove_tree(staging)
+            removed = f"; removed {len(stale)} leftover staging dir(s)" if stale else ""
             raise RestoreError(f"nothing to roll back: no {PRE_PREFIX}* directory with a "
-                               f"restore journal in {ctx.data_dir}")
+                               f"restore journal in {ctx.data_dir}{removed}")
         pre = found[0]
         journal = Journal.load(pre)
         question = (f"Put back Redis's data from before the restore of backup "

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from backupd import checkpoints
 from backupd.errors import StorageError, UploadPending
 from backupd.manifest import Manifest
 from backupd.storage.local import LocalStorage
@@ -30,6 +31,7 @@ def upload(local: LocalStorage, remote: S3Storage, manifest: Manifest,
         raise UploadPending(f"upload of {manifest.id} failed: {exc}. The local copy is safe and "
                             "marked pending; the next run (or `backupd upload --pending`) "
                             "uploads it") from None
+    checkpoints.reached("uploaded")
     local.write_manifest(done)
     log.info("upload_done", id=manifest.id, bucket=remote.bucket, size=manifest.stored_size)
     if not keep_local:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
+from backupd import checkpoints
 from backupd import manifest as mf
 from backupd.errors import IntegrityError, StorageError
 from backupd.manifest import Manifest
@@ -65,6 +66,10 @@ class LocalStorage:
                 manifest = self.read_manifest(backup_id)
             except (IntegrityError, StorageError) as exc:
                 listing.broken[backup_id] = str(exc)
+                # Not understood (damaged, or written by a newer backupd): its files are
+                # neither a backup nor leftovers, so that nothing deletes what may be the only
+                # copy of that backup (as S3Storage.list does).
+                claimed.update(n for n in names if n.startswith(backup_id + "."))
                 continue
             if manifest.artifact not in names:
                 listing.broken[backup_id] = f"artifact {manifest.artifact} is missing"
@@ -130,6 +135,7 @@ class LocalStorage:
             try:
                 manifest = self.read_manifest(backup_id)
                 self.manifest_path(backup_id).unlink()  # first: the backup stops existing
+                checkpoints.reached("prune")
                 self.artifact_path(manifest).unlink(missing_ok=True)
                 result.deleted.append(backup_id)
             except (OSError, StorageError, IntegrityError) as exc:
@@ -139,7 +145,7 @@ class LocalStorage:
     def delete_orphans(self, names: Iterable[str]) -> DeleteResult:
         result = DeleteResult()
         for name in names:
-            if not _ours(name) or "/" in name:
+            if not _ours(name) or "/" in name or "\0" in name:
                 result.failed[name] = "not a backupd file name"
                 continue
             try:

@@ -41,6 +41,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from backupd import checkpoints
 from backupd import manifest as mf
 from backupd.config import S3Config
 from backupd.errors import ConfigError, IntegrityError, StorageError, UsageError
@@ -481,6 +482,7 @@ class S3Storage:
                 self._discard(key)
                 raise self._error(f"setting Object Lock retention on backup {manifest.id} "
                                   "failed", exc, key) from None
+        checkpoints.reached("upload")
         self._put_manifest(manifest, action)
         log.debug("uploaded backup %s to s3 (%d bytes, %d-byte parts)", manifest.id, size, chunk)
 
@@ -559,6 +561,7 @@ class S3Storage:
                 owned[backup_id].append(target)
         manifests = [t for i in ids for t in owned[i] if t[0] == f"{i}.json"]
         outcome = self._delete_targets(manifests, by_name=False)
+        checkpoints.reached("prune-s3")
         rest = [t for i in ids if i not in outcome for t in owned[i] if t[0] != f"{i}.json"]
         outcome.update(self._delete_targets(rest, by_name=False))
         for backup_id in ids:
