@@ -36,7 +36,7 @@ from backupd.manifest import RedisFacts
 
 log = structlog.get_logger("backupd.source")
 
-POLL_MIN, POLL_MAX = 0.05, 1.0
+POLL_MIN, POLL_MAX = 0.05, 0.2  # INFO persistence is cheap; a late poll delays every backup
 SPACE_MARGIN = 16 * 1024 * 1024
 
 

@@ -17,7 +17,7 @@ from backupd.errors import RestoreError
 
 Probe = Callable[[], bool]  # True while Redis answers PING
 
-POLL_MIN, POLL_MAX = 0.05, 0.5
+POLL_MIN, POLL_MAX = 0.05, 0.1  # each poll late is restore downtime
 
 
 class Controller(Protocol):
