@@ -110,7 +110,8 @@ def _table(rows: list[Row]) -> list[str]:
     for row in sorted(rows, key=_order):
         base = "—" if row.baseline is None else (
             f"{_range(row.baseline, row.baseline_metric)}<br>{row.baseline.label}")
-        ratio = "—" if row.ratio is None else f"{row.ratio:.2f}x"
+        ratio = "—" if row.ratio is None else (
+            f"{row.ratio:.2f}x<br>({row.ratio_of_medians or 0:.2f}x)")
         target = "—" if row.target is None else f"<= {row.target:g}x"
         lines.append(f"| {row.scenario} | {row.title} | {row.dataset} | "
                      f"{_range(row.backupd, row.metric)}<br>{row.backupd.label} | {base} | "
@@ -172,7 +173,8 @@ def generated(results: Results, facts: dict[str, Any], command: str, started: da
                      f"({types}).")
     lines += ["", "### Results", "", *_table(results.rows), "",
               "¹ the median of the per-round ratios (each backupd run over the baseline run "
-              "next to it); `docs/benchmarks.json` also has the ratio of the medians.", ""]
+              "next to it), which decides the verdict; in parentheses the ratio of the two "
+              "medians.", ""]
     if results.skipped:
         lines += [f"- Scenario {k}: not run: {v}." for k, v in results.skipped.items()] + [""]
     notes = sorted({(r.scenario, r.note) for r in results.rows if r.note})
