@@ -126,15 +126,21 @@ def test_corruption_in_transit_without_checksum_is_found_by_verify(
     assert ran.code == 0, ran.stdout  # the local copy (keep_local = true) is intact
 
 
-def test_failed_delete_is_reported_and_retried(tmp_path: Path, server: RedisServer,
-                                               proxy: FaultProxy, s3: Bucket) -> None:
-    fault_case("s3: DeleteObjects fails: reported, retried by the next prune")
-    config, _backups = setup_config(tmp_path, server, proxy, s3, retention=KEEP_1)
+def two_unpruned_backups(config: Path) -> tuple[str, str]:
+    """Two backups taken with retention off; the config keeps its KEEP_1 policy afterwards."""
     text = config.read_text()
     config.write_text(text + "\n[schedule]\nprune = false\n")
     first, _ = backup(config)
     second, _ = backup(config)
     config.write_text(text)
+    return first, second
+
+
+def test_failed_delete_is_reported_and_retried(tmp_path: Path, server: RedisServer,
+                                               proxy: FaultProxy, s3: Bucket) -> None:
+    fault_case("s3: DeleteObjects fails: reported, retried by the next prune")
+    config, _backups = setup_config(tmp_path, server, proxy, s3, retention=KEEP_1)
+    first, second = two_unpruned_backups(config)
     proxy.arm("500", "delete-objects", times=None)
     proc = cli(config, "prune", "--location", "s3")
     assert proc.returncode == 1
@@ -177,11 +183,7 @@ def test_artifact_delete_fails_after_manifest(tmp_path: Path, server: RedisServe
     never a backup; `prune --orphans` removes it once it is old enough."""
     fault_case("s3: artifact delete fails after the manifest delete")
     config, _backups = setup_config(tmp_path, server, proxy, s3, retention=KEEP_1)
-    text = config.read_text()
-    config.write_text(text + "\n[schedule]\nprune = false\n")
-    first, _ = backup(config)
-    second, _ = backup(config)
-    config.write_text(text)
+    first, second = two_unpruned_backups(config)
     proxy.arm("500", "delete-objects", times=None, skip=1)
     proc = cli(config, "prune", "--location", "s3")
     assert proc.returncode == 1 and "FAILED" in proc.stdout, proc.stdout
