@@ -75,6 +75,7 @@ class RedisConfig:
     data_dir: str = "/data"
     save_timeout: float = _duration("15m")
     connect_timeout: float = _duration("10s")
+    follow_save: bool = True
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class BackupConfig:
     compression: str = _choice("zstd", "zstd", "gzip", "none")
     compression_level: int = 3
     age_recipients: list[str] = _strings()
+    niceness: int = 10
 
 
 @dataclass(frozen=True)
@@ -353,6 +355,8 @@ def _validate(config: Config, origin: str) -> None:
     if not levels[0] <= b.compression_level <= levels[1]:
         raise bad("backup.compression_level",
                   f"{levels[0]}..{levels[1]} for {b.compression}", b.compression_level)
+    if not 0 <= b.niceness <= 19:
+        raise bad("backup.niceness", "0..19", b.niceness)
     for recipient in b.age_recipients:
         _check_recipient(recipient, origin)
     for section, retention in (("retention", config.retention),

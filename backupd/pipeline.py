@@ -4,8 +4,8 @@ Backup: raw reader -> (SHA-256 + RDB check) -> compress -> encrypt -> (SHA-256) 
 Unpack: stored reader -> (SHA-256) -> decrypt -> decompress -> (SHA-256 + RDB check) -> sink.
 
 Where the work can overlap, it does (docs/benchmarks.md has the numbers behind each choice):
-- zstd compresses with worker threads of its own, so a compressed backup keeps both cores busy
-  from this thread alone;
+- zstd compresses and decompresses independent frames in two worker threads
+  (backupd/zstd_frames.py), so a compressed backup or restore keeps both cores busy;
 - without compression or encryption, and in unpack without encryption, hashing, checking and
   writing are `_Stage`s: threads fed through small bounded queues (hashlib, zstandard and file
   I/O release the GIL, so they run in parallel with this thread);
@@ -36,8 +36,11 @@ from typing import Any, Protocol
 import pyrage
 import zstandard
 
+from backupd import zstd_frames
 from backupd.errors import IntegrityError, StorageError
 from backupd.rdb import RdbChecker, RdbInfo
+from backupd.zstd_frames import FramedCompressor
+from backupd.zstd_frames import decode as decode_zstd_frames
 
 CHUNK = 1 << 20
 READ_SIZE = 2 * CHUNK  # per read() of the source: fewer, larger steps through the stages
@@ -48,9 +51,6 @@ WRITE_SIZE = 128 * 1024
 # Start the writeback of every 8 MiB written, so that the final fsync waits for the last few
 # MiB only instead of the whole file.
 WRITEBACK_EVERY = 8 * CHUNK
-# zstd's multi-threaded jobs: its default for level 3 is 8 MiB, which costs about 100 MiB of
-# buffers with two workers; 2 MiB jobs need a third of that, and ran no slower here.
-ZSTD_JOB_SIZE = 2 * CHUNK
 TEMP_MARK = ".tmp-"
 
 
@@ -194,6 +194,53 @@ class _Chunks:
         return data
 
 
+class _Relayed:
+    """A stream handed to pyrage, which turns any exception raised while it reads or writes
+    into its own EncryptError/DecryptError, keeping only the text: this keeps the original."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.error: BaseException | None = None
+
+    def read(self, size: int = -1, /) -> bytes:
+        try:
+            data: bytes = self._stream.read(size)
+        except BaseException as exc:
+            self.error = exc
+            raise
+        return data
+
+    def write(self, data: bytes, /) -> Any:
+        try:
+            return self._stream.write(data)
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            flush = getattr(self._stream, "flush", None)
+            if flush is not None:
+                flush()
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+
+def _through_pyrage(call: Callable[..., Any], source: Readable, target: Writable,
+                    keys: list[Any]) -> None:
+    """pyrage's encrypt_io/decrypt_io, raising what our own streams raised (a snapshot to read
+    again, a full disk, a corrupt zstd stream) as itself rather than as a pyrage error."""
+    reader, writer = _Relayed(source), _Relayed(target)
+    try:
+        call(reader, writer, keys)
+    except Exception:
+        error = reader.error or writer.error
+        if error is not None:
+            raise error from None
+        raise
+
+
 class _Stage:
     """One step of a pipeline in a thread of its own: calling the stage queues a chunk for
     `consume`, which runs on every chunk in order. An exception in the stage is raised in the
@@ -257,14 +304,32 @@ def _write_all(target: Writable, data: bytes | memoryview) -> None:
         view = view[written if isinstance(written, int) else WRITE_SIZE:]
 
 
+class Follower(Protocol):
+    """Reads the artifact while pack() writes it (an upload in parts), from the file itself:
+    it never holds up the pipeline and needs no copy of the bytes. Its methods must not raise.
+    """
+
+    def opened(self, fd: int, name: str) -> None:
+        """The temp file is open at `fd` (readable; closed when pack returns: dup it to keep
+        reading); `name` is the artifact's final name."""
+
+    def written(self, size: int) -> None:
+        """The file's first `size` bytes are written (called from the writing thread)."""
+
+    def abandoned(self) -> None:
+        """pack() failed: there will be no artifact; stop and discard everything."""
+
+
 class _FileSink:
     """Writes to `target` in WRITE_SIZE pieces. When `target` is a regular file, it also starts
     the kernel's writeback of every WRITEBACK_EVERY bytes while the rest is still being
     computed (sync_file_range: start, do not wait, keep the pages cached), so that the
-    caller's fsync waits for the last few MiB only."""
+    caller's fsync waits for the last few MiB only. A `follower` hears the byte count after
+    each write (`target` must then be unbuffered: the bytes are in the file when it hears)."""
 
-    def __init__(self, target: Writable) -> None:
+    def __init__(self, target: Writable, follower: Follower | None = None) -> None:
         self._target = target
+        self._follower = follower
         self._fd = _regular_file(target)
         self._written = self._started = 0
         self._base = os.lseek(self._fd, 0, os.SEEK_CUR) if self._fd is not None else 0
@@ -272,6 +337,8 @@ class _FileSink:
     def write(self, data: bytes | memoryview, /) -> int:
         _write_all(self._target, data)
         self._written += len(data)
+        if self._follower is not None:
+            self._follower.written(self._written)
         if self._fd is not None and self._written - self._started >= WRITEBACK_EVERY:
             flush = getattr(self._target, "flush", None)
             if flush is not None:
@@ -319,18 +386,56 @@ class Digest:
 
 
 class Counter:
-    """SHA-256 and byte count of everything fed to it."""
+    """SHA-256 and byte count of everything fed to it (the count only, after `count_only`)."""
 
     def __init__(self) -> None:
-        self._hash = hashlib.sha256()
+        self._hash: Any = hashlib.sha256()
         self.size = 0
 
     def __call__(self, data: bytes) -> None:
-        self._hash.update(data)
+        if self._hash is not None:
+            self._hash.update(data)
         self.size += len(data)
 
+    def count_only(self) -> None:
+        self._hash = None
+
     def digest(self) -> Digest:
-        return Digest(self.size, self._hash.hexdigest())
+        return Digest(self.size, self._hash.hexdigest() if self._hash is not None else "")
+
+
+class _RecordedDigest:
+    """The RDB's size and SHA-256 as pack() recorded them in the artifact (zstd_frames: the
+    first frame announces the digest frame that ends the artifact). Both are covered by the
+    stored SHA-256, so when the caller checks that against the manifest, the recorded digest
+    vouches for the RDB, and `trust` spares hashing it again: zstd checks every frame's
+    content checksum and the RDB checker its CRC64, so what comes out is what went in."""
+
+    def __init__(self, raw: Counter, trust: bool) -> None:
+        self._raw = raw
+        self._trust = trust
+        self.announced = False
+        self.recorded: tuple[int, str] | None = None
+
+    def frame(self, payload: bytes) -> None:
+        if payload == zstd_frames.ANNOUNCE and self._raw.size == 0 and self.recorded is None:
+            self.announced = True
+            if self._trust:
+                self._raw.count_only()  # no RDB byte has been handed on yet
+        elif (digest := zstd_frames.parse_digest(payload)) is not None:
+            self.recorded = digest
+
+    def check(self, computed: Digest) -> Digest:
+        """The RDB's digest; IntegrityError when the artifact contradicts itself."""
+        if not self.announced:
+            return computed
+        if self.recorded is None:
+            raise IntegrityError("the artifact announces a digest of the RDB at its end and has "
+                                 "none (truncated?)")
+        size, sha256 = self.recorded
+        if size != computed.size or (computed.sha256 and computed.sha256 != sha256):
+            raise IntegrityError("the RDB differs from the digest recorded in the artifact")
+        return Digest(size, sha256)
 
 
 @dataclass(frozen=True)
@@ -340,33 +445,44 @@ class PackResult:
     rdb: RdbInfo
 
 
-def compress_reader(source: Readable, compression: str, level: int) -> Readable:
+def compress_reader(source: Readable, compression: str, level: int,
+                    raw: Counter | None = None) -> Readable:
+    """`source` compressed, as a reader. zstd writes independent frames of FRAME_SIZE input
+    bytes, compressed by two threads (backupd/zstd_frames.py): a restore decompresses them on
+    both cores; the file is still one standard .zst. With `raw` (the Counter that sees the
+    source), its final size and SHA-256 end the artifact (_RecordedDigest)."""
     if compression == "zstd":
-        threads = -1 if (os.cpu_count() or 1) > 1 else 0
-        params = zstandard.ZstdCompressionParameters.from_level(
-            level, threads=threads, job_size=ZSTD_JOB_SIZE)
-        compressor = zstandard.ZstdCompressor(compression_params=params)
-        return compressor.stream_reader(source, read_size=READ_SIZE,  # type: ignore[arg-type]
-                                        closefd=False)
+        workers = 2 if (os.cpu_count() or 1) > 1 else 1
+
+        def trailer() -> tuple[int, bytes]:
+            assert raw is not None
+            digest = raw.digest()
+            return digest.size, bytes.fromhex(digest.sha256)
+
+        return FramedCompressor(source, level, workers=workers,
+                                trailer=trailer if raw is not None else None)
     if compression == "gzip":
         return _ZlibReader(source, level)
     return source
 
 
 def pack(source: Readable, dest: Path, *, compression: str, level: int,
-         recipients: Sequence[str]) -> PackResult:
+         recipients: Sequence[str], follower: Follower | None = None) -> PackResult:
     """Stream a raw RDB into the artifact `dest`, atomically: temp file, fsync, rename.
 
     The RDB is checked in the same pass; a snapshot that fails the check never becomes a file
-    with a backup's name.
+    with a backup's name. A `follower` may read the file as it grows (see Follower).
     """
     raw, stored, checker = Counter(), Counter(), RdbChecker()
     tmp = dest.with_name(f".{dest.name}{TEMP_MARK}{secrets.token_hex(4)}")
     plain = compression == "none" and not recipients  # stored bytes == raw bytes: hash once
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        access = os.O_WRONLY if follower is None else os.O_RDWR  # the follower reads it
+        fd = os.open(tmp, access | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with open(fd, "wb", buffering=0) as fh:
-            sink = _FileSink(fh)
+            if follower is not None:
+                follower.opened(fd, dest.name)
+            sink = _FileSink(fh, follower)
             if plain:  # hashing is the critical path: it gets a thread, so does writing
                 with _Stage(_fan_out(raw, checker.update)) as check, _Stage(sink.write) as out:
                     while chunk := source.read(READ_SIZE):
@@ -374,11 +490,11 @@ def pack(source: Readable, dest: Path, *, compression: str, level: int,
                         out(chunk)
             else:
                 reader = compress_reader(ObservedReader(source, raw, checker.update),
-                                         compression, level)
+                                         compression, level, raw)
                 writer = ObservedWriter(sink, stored)
                 if recipients:
                     keys = [pyrage.x25519.Recipient.from_str(r) for r in recipients]
-                    pyrage.encrypt_io(reader, writer, keys)
+                    _through_pyrage(pyrage.encrypt_io, reader, writer, keys)
                 else:
                     copy_stream(reader, writer)
             os.fsync(fh.fileno())
@@ -387,9 +503,13 @@ def pack(source: Readable, dest: Path, *, compression: str, level: int,
         fsync_dir(dest.parent)
     except OSError as exc:
         _unlink_quietly(tmp)
+        if follower is not None:
+            follower.abandoned()
         raise StorageError(f"cannot write {dest}: {exc.strerror or exc}") from None
     except BaseException:
         _unlink_quietly(tmp)
+        if follower is not None:
+            follower.abandoned()
         raise
     return PackResult(raw.digest(), (raw if plain else stored).digest(), rdb)
 
@@ -402,12 +522,18 @@ class UnpackResult:
 
 
 def unpack(source: Readable, sink: Writable | None, *, compression: str, encrypted: bool,
-           identities: Sequence[Any] = ()) -> UnpackResult:
+           identities: Sequence[Any] = (), trust_recorded: bool = False) -> UnpackResult:
     """Stream a stored artifact back to the raw RDB (into `sink`, or nowhere to only check it).
 
-    Without encryption this thread reads and decompresses while stages hash the stored bytes,
-    hash and check the RDB, and write to `sink`; with encryption everything runs here (see the
-    module docstring)."""
+    `trust_recorded`: for an artifact that records the RDB's digest (_RecordedDigest), return
+    that digest instead of hashing the RDB; only for a caller that compares the stored digest
+    with the manifest (a restore: the RDB's SHA-256 is a third of its staging CPU). `verify`
+    hashes everything and also checks the recorded digest.
+
+    Without encryption this thread reads (and, for zstd, finds the frames) while stages hash the
+    stored bytes, hash and check the RDB, and write to `sink`, and two workers decompress zstd
+    frames in parallel (backupd/zstd_frames.py; an artifact of one frame streams through this
+    thread); with encryption everything runs here (see the module docstring)."""
     stored, raw, checker = Counter(), Counter(), RdbChecker()
     if encrypted and not identities:
         raise IntegrityError("the backup is encrypted and no identity was given")
@@ -419,6 +545,21 @@ def unpack(source: Readable, sink: Writable | None, *, compression: str, encrypt
             if not encrypted:
                 outputs = [stages.enter_context(_Stage(output)) for output in outputs]
             raw_writer = ObservedWriter(None, *outputs)
+            if compression == "zstd" and not encrypted:
+                hash_stored = stages.enter_context(_Stage(stored))
+
+                def next_chunk() -> bytes:
+                    chunk = source.read(READ_SIZE)
+                    if chunk:
+                        hash_stored(chunk)
+                    return chunk
+
+                recorded = _RecordedDigest(raw, trust_recorded)
+                decode_zstd_frames(next_chunk, _fan_out(*outputs),
+                                   on_backupd_frame=recorded.frame)
+                stages.close()  # every stage done: the counts and the checker are complete
+                return UnpackResult(stored.digest(), recorded.check(raw.digest()),
+                                    checker.finish())
             writer: Writable = raw_writer
             zstd_writer: Any = None
             zlib_writer: _ZlibWriter | None = None
@@ -430,7 +571,7 @@ def unpack(source: Readable, sink: Writable | None, *, compression: str, encrypt
             if encrypted:
                 observed = ObservedReader(source, stored)  # hashed in READ_SIZE chunks,
                 chunks = _Chunks(lambda: observed.read(READ_SIZE) or None)  # read in 8 KiB
-                pyrage.decrypt_io(chunks, writer, list(identities))
+                _through_pyrage(pyrage.decrypt_io, chunks, writer, list(identities))
             else:
                 hash_stored = stages.enter_context(_Stage(stored))
                 while chunk := source.read(READ_SIZE):
@@ -440,11 +581,22 @@ def unpack(source: Readable, sink: Writable | None, *, compression: str, encrypt
                 zstd_writer.flush()
             if zlib_writer is not None:
                 zlib_writer.finish()
+            return _unpacked(stages, stored, raw, checker)
     except pyrage.DecryptError as exc:
         raise IntegrityError(f"cannot decrypt the backup (wrong identity or corrupt): {exc}") \
             from None
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"the zstd stream is corrupt: {exc}") from None
+    except OSError as exc:
+        if exc.errno is not None:  # a real I/O error (reading, or writing to `sink`)
+            raise
+        # pyrage reports a failed payload MAC (a damaged encrypted artifact) as a bare OSError
+        raise IntegrityError(f"cannot decrypt the backup (corrupt): {exc}") from None
+
+
+def _unpacked(stages: contextlib.ExitStack, stored: Counter, raw: Counter,
+              checker: RdbChecker) -> UnpackResult:
+    stages.close()  # every stage done: the counts and the checker are complete
     return UnpackResult(stored.digest(), raw.digest(), checker.finish())
 
 

@@ -54,6 +54,8 @@ class RdbChecker:
         self.size += len(chunk)
         if len(self._head) < HEADER_SIZE:
             self._head += bytes(chunk[: HEADER_SIZE - len(self._head)])
+            if len(self._head) == HEADER_SIZE:
+                parse_header(self._head)  # not an RDB: say so now, not after the whole file
         if len(chunk) >= TRAILER_SIZE:
             if self._tail:
                 self._crc = self._model.calc(self._tail, init=self._crc)

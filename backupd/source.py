@@ -6,6 +6,11 @@ a save killed by FLUSHALL looks like, and a sidecar with the wrong volume mounte
 file. Success needs a new save counted by `rdb_saves`, status ok, a save time at or after the
 request, and a dump file whose inode changed; the file is then opened once and read from that
 descriptor only.
+
+`backupd backup` does not wait for the save to read it: `follow_snapshot` streams Redis's
+temp-<pid>.rdb while the save child writes it (LiveSnapshot), so checking, compressing and
+uploading overlap the save; the stream only ends once the same handshake has confirmed the
+save and the file read is the very file that became the dump.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +43,7 @@ from backupd.manifest import RedisFacts
 log = structlog.get_logger("backupd.source")
 
 POLL_MIN, POLL_MAX = 0.05, 0.2  # INFO persistence is cheap; a late poll delays every backup
+READ_CHUNK = 1 << 20
 SPACE_MARGIN = 16 * 1024 * 1024
 
 
@@ -177,61 +184,257 @@ class Snapshot:
     save_reply: str
 
 
+@dataclass(frozen=True)
+class _Save:
+    """A BGSAVE that was asked for, and what is needed to judge its outcome."""
+
+    client: redis.Redis
+    dump: Path
+    t_req: int  # Redis's clock when it was asked
+    saves_before: int  # rdb_saves then (-1: Redis < 7.0)
+    run_id: str
+    inode_before: int | None  # the old dump's, pinned open until the outcome is judged
+    temps_before: frozenset[tuple[str, int]]  # temp-<pid>.rdb files that are not ours
+    deadline: float
+    reply: str
+    at_save: ServerInfo
+
+
+@contextlib.contextmanager
+def _requested_save(client: redis.Redis, cfg: RedisConfig, backup_dir: Path) -> Iterator[_Save]:
+    """Check space, pin the old dump, send BGSAVE; the pin holds until the caller is done."""
+    dump = locate_dump(client, cfg)
+    before = server_info(client, cfg)
+    estimate = _size_or(dump, int(before.persistence.get("used_memory_dataset", 0)))
+    check_space(Path(cfg.data_dir), estimate, "Redis's temporary snapshot file")
+    check_space(backup_dir, estimate, "the backup")
+    with _pin(dump) as inode_before:
+        temps_before = frozenset(_temp_files(dump.parent))
+        t_req = int(client.time()[0])
+        saves_before = int(_persistence(client).get("rdb_saves", -1))
+        deadline = time.monotonic() + cfg.save_timeout
+        reply = _request_save(client, deadline)
+        at_save = server_info(client, cfg)
+        log.info("bgsave_requested", reply=reply, keys=at_save.keys)
+        yield _Save(client, dump, t_req, saves_before, before.facts.run_id, inode_before,
+                    temps_before, deadline, reply, at_save)
+
+
+def _open_result(save: _Save) -> IO[bytes]:
+    """Once the save is over: check that it succeeded and wrote a new dump file; that file,
+    opened (unbuffered: read() returns what is there)."""
+    state = _persistence(save.client)
+    if state.get("rdb_last_bgsave_status") != "ok":
+        raise SnapshotError(
+            "the snapshot failed: rdb_last_bgsave_status is "
+            f"{state.get('rdb_last_bgsave_status')!r}; see the Redis log (often a full or "
+            "read-only data volume). Until a save succeeds Redis may refuse writes (MISCONF).")
+    if int(state.get("rdb_last_save_time", 0)) < save.t_req:
+        raise SnapshotError("the save ended without writing a new file (killed by FLUSHALL "
+                            "or SHUTDOWN?); no backup was made of the old file")
+    try:
+        fh = open(save.dump, "rb", buffering=0)  # noqa: SIM115 - the caller closes it
+    except FileNotFoundError:
+        raise SnapshotError(f"Redis saved, but {save.dump} does not exist: is redis.data_dir "
+                            "the Redis data volume?") from None
+    if save.inode_before is not None and os.fstat(fh.fileno()).st_ino == save.inode_before:
+        fh.close()
+        raise SnapshotError(
+            f"the file in data_dir ({save.dump}) did not change after a successful save: is "
+            "redis.data_dir the Redis data volume? (or the save was killed by FLUSHALL or "
+            "SHUTDOWN); no backup was made of the old file")
+    return fh
+
+
 @contextlib.contextmanager
 def snapshot(client: redis.Redis, cfg: RedisConfig, backup_dir: Path) -> Iterator[Snapshot]:
-    """Trigger a fresh snapshot and yield it opened; see the module docstring."""
-    with redis_errors(cfg, True):
-        dump = locate_dump(client, cfg)
-        before = server_info(client, cfg)
-        estimate = _size_or(dump, int(before.persistence.get("used_memory_dataset", 0)))
-        check_space(Path(cfg.data_dir), estimate, "Redis's temporary snapshot file")
-        check_space(backup_dir, estimate, "the backup")
-        with _pin(dump) as inode_before:
-            t_req = int(client.time()[0])
-            saves_before = int(_persistence(client).get("rdb_saves", -1))
-            deadline = time.monotonic() + cfg.save_timeout
-            reply = _request_save(client, deadline)
-            at_save = server_info(client, cfg)
-            log.info("bgsave_requested", reply=reply, keys=at_save.keys)
-            _wait_for_save(client, deadline, saves_before, before.facts.run_id)
-            state = _persistence(client)
-        if state.get("rdb_last_bgsave_status") != "ok":
-            raise SnapshotError(
-                "the snapshot failed: rdb_last_bgsave_status is "
-                f"{state.get('rdb_last_bgsave_status')!r}; see the Redis log (often a full or "
-                "read-only data volume). Until a save succeeds Redis may refuse writes (MISCONF).")
-        if int(state.get("rdb_last_save_time", 0)) < t_req:
-            raise SnapshotError("the save ended without writing a new file (killed by FLUSHALL "
-                                "or SHUTDOWN?); no backup was made of the old file")
-    try:
-        fh = open(dump, "rb")  # noqa: SIM115 - handed to the caller, closed below
-    except FileNotFoundError:
-        raise SnapshotError(f"Redis saved, but {dump} does not exist: is redis.data_dir "
-                            "the Redis data volume?") from None
+    """Trigger a fresh snapshot and yield it opened, once Redis has finished it."""
+    with redis_errors(cfg, True), _requested_save(client, cfg, backup_dir) as save:
+        _poll(save.deadline, "the snapshot", lambda: _save_over(save))
+        fh = _open_result(save)
     with fh:
-        stat = os.fstat(fh.fileno())
-        if inode_before is not None and stat.st_ino == inode_before:
-            raise SnapshotError(
-                f"the file in data_dir ({dump}) did not change after a successful save: is "
-                "redis.data_dir the Redis data volume? (or the save was killed by FLUSHALL or "
-                "SHUTDOWN); no backup was made of the old file")
-        yield Snapshot(fh, dump, stat.st_size, at_save, reply)
+        yield Snapshot(fh, save.dump, os.fstat(fh.fileno()).st_size, save.at_save, save.reply)
 
 
-def _wait_for_save(client: redis.Redis, deadline: float, saves_before: int,
-                   run_id: str = "") -> None:
-    if saves_before < 0:  # Redis < 7.0 has no rdb_saves: wait for the child to go away
-        _poll(deadline, "the snapshot", lambda: _same_server(client, run_id) and not int(
-            _persistence(client).get("rdb_bgsave_in_progress", 0)))
+def _save_over(save: _Save) -> bool:
+    """Whether the save has ended (in success or not); SnapshotError if Redis restarted."""
+    _same_server(save.client, save.run_id)
+    state = _persistence(save.client)
+    if save.saves_before < 0:  # Redis < 7.0 has no rdb_saves: wait for the child to go away
+        return not int(state.get("rdb_bgsave_in_progress", 0))
+    return (int(state.get("rdb_saves", 0)) > save.saves_before
+            and not int(state.get("rdb_bgsave_in_progress", 0)))
+
+
+class FollowLost(Exception):
+    """The file followed during the save is not the one Redis ended up with: read again."""
+
+
+class LiveSnapshot:
+    """A fresh snapshot as a stream that can be read while Redis is still writing it.
+
+    Redis's save child writes temp-<pid>.rdb in the data directory, sequentially, and renames
+    it to the dump file when it is complete. With `follow`, reads follow that temp file as it
+    grows, so that checking, compressing and uploading overlap the save instead of waiting for
+    it. Nothing is trusted for that: the end of the stream is only reached after the full
+    handshake (module docstring) confirmed the save AND the dump file is the very inode that
+    was followed. A followed file that turns out not to be the dump raises FollowLost, and
+    `rewind()` starts over from the finished dump; the caller also rewinds when the RDB check
+    fails on followed bytes (a network filesystem may show a growing file inconsistently).
+    Without `follow`, or when the save ends before its temp file is seen, this reads the
+    finished dump, exactly like `snapshot()`.
+    """
+
+    WAIT = 0.01  # at the end of what Redis has written so far: it writes ~100 MB/s
+
+    def __init__(self, save: _Save, follow: bool) -> None:
+        self._save = save
+        self._follow = follow
+        self._fh: IO[bytes] | None = None
+        self._done = False  # _fh is the confirmed dump: its end is the snapshot's end
+        self._lost = False  # FollowLost was raised: the caller must rewind
+        self._next_poll = 0.0
+        self.followed = False  # bytes were handed out before the save was confirmed
+        self.path = save.dump
+        self.server = save.at_save
+        self.save_reply = save.reply
+        self.size: int | None = None  # known once the save is confirmed
+
+    def fileno(self) -> int:
+        if self._fh is None:
+            raise SnapshotError("the snapshot is not open yet")
+        return self._fh.fileno()
+
+    def read(self, size: int = -1, /) -> bytes:
+        size = READ_CHUNK if size is None or size < 0 else size
+        while True:
+            if self._fh is None and self._follow:
+                self._fh = _open_new_temp(self._save)
+            if self._fh is not None:
+                data = self._fh.read(size)
+                if data:
+                    self.followed = self.followed or not self._done
+                    return data
+                if self._done:
+                    return b""
+            if self._over():
+                self._confirm()
+                continue
+            if time.monotonic() >= self._save.deadline:
+                raise SnapshotError("timed out waiting for the snapshot (redis.save_timeout)")
+            time.sleep(self.WAIT)
+
+    def _over(self) -> bool:
+        """Whether the save ended; asks Redis at most every POLL_MAX / 2, or at once when the
+        followed file has just become the dump file."""
+        now = time.monotonic()
+        if now < self._next_poll and not (self._fh is not None and _is_dump(
+                self._fh, self._save.dump)):
+            return False
+        self._next_poll = now + POLL_MAX / 2
+        return _save_over(self._save)
+
+    def _confirm(self) -> None:
+        result = _open_result(self._save)
+        if self._fh is not None and _same_file(self._fh, result):
+            result.close()
+        else:
+            if self._fh is not None:
+                self._fh.close()
+            self._lost = self.followed
+            self._fh, self.followed = result, False
+        self._done = True
+        self.size = os.fstat(self._fh.fileno()).st_size
+        log.info("snapshot_ready", path=str(self.path), raw_size=self.size,
+                 followed=self.followed)
+        if self._lost:
+            raise FollowLost
+
+    def rewind(self) -> bool:
+        """Start over from byte 0 of the finished dump file (after FollowLost, or when the
+        followed bytes failed the RDB check); False when the bytes read so far came from the
+        finished dump already: reading them again would change nothing."""
+        if self._lost:  # _confirm switched to the dump: nothing read from it yet
+            self._lost = False
+            return True
+        if not self.followed:
+            return False
+        self.followed = self._follow = False
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        self._done = False
+        return True
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+@contextlib.contextmanager
+def follow_snapshot(client: redis.Redis, cfg: RedisConfig,
+                    backup_dir: Path) -> Iterator[LiveSnapshot]:
+    """Trigger a fresh snapshot and yield it as a LiveSnapshot right away (see there)."""
+    with redis_errors(cfg, True), _requested_save(client, cfg, backup_dir) as save:
+        live = LiveSnapshot(save, cfg.follow_save)
+        try:
+            yield live
+        finally:
+            live.close()
+
+
+TEMP_PREFIX, TEMP_SUFFIX = "temp-", ".rdb"
+
+
+def _temp_files(directory: Path) -> Iterator[tuple[str, int]]:
+    """(name, inode) of Redis's save temp files (temp-<pid>.rdb) in `directory`."""
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                name = entry.name
+                if (name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
+                        and name[len(TEMP_PREFIX):-len(TEMP_SUFFIX)].isdigit()):
+                    with contextlib.suppress(OSError):
+                        yield name, entry.inode()
+    except OSError:
         return
 
-    def finished() -> bool:
-        _same_server(client, run_id)
-        state = _persistence(client)
-        return (int(state.get("rdb_saves", 0)) > saves_before
-                and not int(state.get("rdb_bgsave_in_progress", 0)))
 
-    _poll(deadline, "the snapshot", finished)
+def _open_new_temp(save: _Save) -> IO[bytes] | None:
+    """The newest save temp file that was not there before BGSAVE, opened; None if none yet."""
+    new = [(name, inode) for name, inode in _temp_files(save.dump.parent)
+           if (name, inode) not in save.temps_before]
+    for name, _ in sorted(new, key=lambda n: _mtime(save.dump.parent / n[0]), reverse=True):
+        try:
+            fd = os.open(save.dump.parent / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # renamed or removed since the listing
+        fh = open(fd, "rb", buffering=0)  # noqa: SIM115 - owned by LiveSnapshot
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fh
+        fh.close()
+    return None
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _same_file(one: IO[bytes], other: IO[bytes]) -> bool:
+    a, b = os.fstat(one.fileno()), os.fstat(other.fileno())
+    return (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev)
+
+
+def _is_dump(fh: IO[bytes], dump: Path) -> bool:
+    """Whether `fh` is the dump file now (Redis renames its temp file when the save ends)."""
+    try:
+        a, b = os.fstat(fh.fileno()), os.stat(dump)
+    except OSError:
+        return False
+    return (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev)
 
 
 def _same_server(client: redis.Redis, run_id: str) -> bool:

@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
                              "seconds each, get 2 more)")
     parser.add_argument("--sizes", default="100MB,1GB",
                         help="datasets, comma-separated (default 100MB,1GB)")
+    parser.add_argument("--only", default=",".join(SCENARIOS),
+                        help="scenarios to run, comma-separated (default all: "
+                             f"{','.join(SCENARIOS)}); a partial run reports only those")
     parser.add_argument("--docs", type=Path, default=DOCS,
                         help="where benchmarks.md and benchmarks.json go")
     parser.add_argument("--nice", type=int, default=-10,
@@ -50,21 +53,31 @@ def main(argv: list[str] | None = None) -> int:
     facts["load_before"] = report.load_average()
     lab = scenarios.Lab(args.runs)
     sizes = [s for s in args.sizes.split(",") if s]
+    only = {s for s in args.only.split(",") if s}
+    if not only <= set(SCENARIOS):
+        parser.error(f"--only: unknown scenario(s) {', '.join(sorted(only - set(SCENARIOS)))}")
     largest = max(sizes, key=lambda s: datasets.SIZES[s])
     why_not = scenarios.restore_available(lab)
     with lab.moto():
         for name in sizes:
             data = datasets.get(name)
             lab.results.datasets.append(data)
-            scenarios.pipeline_scenarios(lab, data)
+            if only & {"1", "2", "6"}:
+                scenarios.pipeline_scenarios(lab, data)
+            backups = None
             with scenarios.source_server(lab, data) as src:
-                backups = scenarios.full_backups(lab, src, all_codecs=name == largest)
-                scenarios.s3_scenario(lab, src)
-            scenarios.verify_runs(lab, name, backups)
-            if why_not:
-                lab.results.skipped["4"] = why_not
-            else:
-                scenarios.restore_scenario(lab, name, backups, target_ratio=name == largest)
+                if only & {"1", "2", "4", "5", "6"}:  # 4 restores the backup these make
+                    backups = scenarios.full_backups(
+                        lab, src, all_codecs=name == largest and bool(only & {"2", "6"}))
+                if "3" in only:
+                    scenarios.s3_scenario(lab, src)
+            if backups is not None and "5" in only:
+                scenarios.verify_runs(lab, name, backups)
+            if backups is not None and "4" in only:
+                if why_not:
+                    lab.results.skipped["4"] = why_not
+                else:
+                    scenarios.restore_scenario(lab, name, backups, target_ratio=name == largest)
     facts["load_after"] = report.load_average()
     scenarios.clean_up()
     seconds = time.monotonic() - clock

@@ -195,6 +195,7 @@ TEMPLATE = """# Benchmarks
 def write(results: Results, docs: Path, command: str, started: datetime, seconds: float,
           facts: dict[str, Any]) -> None:
     text = generated(results, facts, command, started, seconds)
+    docs.mkdir(parents=True, exist_ok=True)
     md = docs / "benchmarks.md"
     if md.exists() and BEGIN in (old := md.read_text()) and END in old:
         head, rest = old.split(BEGIN, 1)

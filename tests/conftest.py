@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import socket
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis
+import zstandard
 
 PASSWORD = "s3cr3t-Redis-pw-4711"  # a known secret: tests assert it never appears in output
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -179,6 +181,12 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
         [sys.executable, "-m", "backupd", "--log-format", "json", *args],
         capture_output=True, text=True, timeout=timeout, env=full_env, check=False,
     )
+
+
+def unzstd(data: bytes) -> bytes:
+    """All frames of a zstd file, as `zstd -d` reads it (decompressobj stops after one)."""
+    return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data),
+                                                      read_across_frames=True).read()
 
 
 def last_line(text: str) -> str:

@@ -52,6 +52,7 @@ def test_config_path_from_env(tmp_path: Path) -> None:
     ("[bakup]\n", "bakup", "unknown key"),
     ("[backup]\ncompression = 'lz4'\n", "backup.compression", "one of"),
     ("[backup]\ncompression_level = 30\n", "backup.compression_level", "1..22"),
+    ("[backup]\nniceness = 20\n", "backup.niceness", "0..19"),
     ("[backup]\nage_recipients = ['ssh-rsa AAAA']\n", "backup.age_recipients", "age public"),
     ("[redis]\ndata_dir = '/data'\n[backup]\ndir = '/data/backups'\n", "backup.dir", "inside"),
     ("[s3]\nbucket = 'b'\n", "s3.prefix", "non-empty prefix"),

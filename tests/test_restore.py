@@ -8,6 +8,7 @@ like a container restart policy.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -135,6 +136,19 @@ def _dir_for_user(base: Path, name: str, user: str | None) -> tuple[Path, Path |
     data.mkdir()
     shutil.chown(data, user, user)
     return data, outer
+
+
+@contextlib.contextmanager
+def running_service(tmp_path: Path, stop_timeout: float = 30) -> Iterator[Service]:
+    """One plain Redis service on tmp_path/data, stopped with its stop command afterwards."""
+    data = tmp_path / "data"
+    data.mkdir()
+    svc = Service(RedisServer(data, free_port(), PASSWORD, []))
+    svc.start()
+    try:
+        yield svc
+    finally:
+        subprocess.run(svc.stop_command(), check=False, timeout=stop_timeout)
 
 
 @pytest.fixture

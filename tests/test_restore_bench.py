@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -20,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PASSWORD, RedisServer, free_port, run_cli
-from tests.test_restore import Service, backup
+from tests.conftest import run_cli
+from tests.test_restore import Service, backup, running_service
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 VALUE_BYTES = 100  # random bytes per value, stored as 200 hex characters
@@ -50,12 +49,8 @@ def at(entries: list[dict[str, object]], predicate: Callable[[dict[str, object]]
 
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[Service]:
-    data = tmp_path / "data"
-    data.mkdir()
-    svc = Service(RedisServer(data, free_port(), PASSWORD, []))
-    svc.start()
-    yield svc
-    subprocess.run(svc.stop_command(), check=False, timeout=120)
+    with running_service(tmp_path, stop_timeout=120) as svc:
+        yield svc
 
 
 def test_restore_time_versus_redis_load_time(tmp_path: Path, service: Service) -> None:

@@ -15,24 +15,18 @@ from tests.conftest import (
     PASSWORD,
     S3_ENV,
     S3_SECRET,
-    RedisServer,
-    free_port,
     last_line,
     run_cli,
     s3_section,
     write_config,
 )
-from tests.test_restore import Service, contents, populate, rewrite
+from tests.test_restore import Service, contents, populate, rewrite, running_service
 
 
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[Service]:
-    data = tmp_path / "data"
-    data.mkdir()
-    svc = Service(RedisServer(data, free_port(), PASSWORD, []))
-    svc.start()
-    yield svc
-    subprocess.run(svc.stop_command(), check=False, timeout=30)
+    with running_service(tmp_path, stop_timeout=30) as svc:
+        yield svc
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

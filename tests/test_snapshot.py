@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import os
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pyrage
 import pytest
 import redis
 
@@ -22,7 +27,7 @@ from backupd.errors import (
     RedisUnavailable,
     SnapshotError,
 )
-from tests.conftest import PASSWORD, RedisServer, fill, wait_until, write_config
+from tests.conftest import PASSWORD, RedisServer, fill, unzstd, wait_until, write_config
 
 ENV = {"REDIS_PASSWORD": PASSWORD}
 
@@ -33,11 +38,30 @@ def load(tmp_path: Path, server: RedisServer, extra: str = "") -> config_mod.Con
     return config_mod.load(path, env={})
 
 
-def take(cfg: config_mod.Config) -> tuple[bytes, source.Snapshot]:
+Taken = tuple[bytes, "source.Snapshot | source.LiveSnapshot"]
+Take = Callable[[config_mod.Config], Taken]
+
+
+def take_finished(cfg: config_mod.Config) -> Taken:
+    """As the pre-restore save does it: the finished dump file."""
     client = source.connect(cfg.redis, ENV)
     with source.snapshot(client, cfg.redis, Path(cfg.backup.dir)) as snap:
         data = snap.file.read()
     return data, snap
+
+
+def take_live(cfg: config_mod.Config) -> Taken:
+    """As `backupd backup` does it: read while Redis writes (when the save is slow enough)."""
+    client = source.connect(cfg.redis, ENV)
+    with source.follow_snapshot(client, cfg.redis, Path(cfg.backup.dir)) as snap:
+        data = b"".join(iter(lambda: snap.read(1 << 16), b""))
+    return data, snap
+
+
+@pytest.fixture(params=["finished", "live"])
+def take(request: pytest.FixtureRequest) -> Take:
+    """Every handshake race holds for both ways of reading the snapshot."""
+    return take_finished if request.param == "finished" else take_live
 
 
 @pytest.fixture
@@ -46,7 +70,8 @@ def cfg(tmp_path: Path, redis_server: RedisServer) -> config_mod.Config:
     return load(tmp_path, redis_server)
 
 
-def test_snapshot_is_fresh_and_complete(cfg: config_mod.Config, redis_server: RedisServer) -> None:
+def test_snapshot_is_fresh_and_complete(cfg: config_mod.Config, redis_server: RedisServer,
+                                        take: Take) -> None:
     redis_server.client().set("marker:first", "1")
     data, snap = take(cfg)
     assert data.startswith(b"REDIS0010") and b"marker:first" in data
@@ -57,7 +82,7 @@ def test_snapshot_is_fresh_and_complete(cfg: config_mod.Config, redis_server: Re
 
 
 def test_two_saves_in_the_same_second_both_fresh(cfg: config_mod.Config,
-                                                 redis_server: RedisServer) -> None:
+                                                 redis_server: RedisServer, take: Take) -> None:
     client = redis_server.client()
     for i in range(4):  # several saves within one LASTSAVE second: the counter tells them apart
         client.set("marker:round", f"round-{i}")
@@ -66,7 +91,7 @@ def test_two_saves_in_the_same_second_both_fresh(cfg: config_mod.Config,
 
 
 def test_joins_a_save_already_in_progress(cfg: config_mod.Config,
-                                          redis_server: RedisServer) -> None:
+                                          redis_server: RedisServer, take: Take) -> None:
     client = redis_server.client()
     client.config_set("rdb-key-save-delay", 2000)  # 200 keys * 2 ms: a save of ~0.4 s
     client.bgsave()
@@ -79,7 +104,8 @@ def test_joins_a_save_already_in_progress(cfg: config_mod.Config,
 
 
 def test_scheduled_behind_an_aof_rewrite(tmp_path: Path,
-                                         redis_factory: Callable[..., RedisServer]) -> None:
+                                         redis_factory: Callable[..., RedisServer],
+                                         take: Take) -> None:
     server = redis_factory("--appendonly", "yes")
     fill(server, 200)
     cfg = load(tmp_path, server)
@@ -95,7 +121,7 @@ def test_scheduled_behind_an_aof_rewrite(tmp_path: Path,
 
 
 def test_save_killed_by_flushall_is_not_a_backup(cfg: config_mod.Config,
-                                                 redis_server: RedisServer) -> None:
+                                                 redis_server: RedisServer, take: Take) -> None:
     client = redis_server.client()
     old = take(cfg)[0]  # a dump.rdb exists: the trap is to back it up again
     client.config_set("rdb-key-save-delay", 20000)  # 200 keys * 20 ms = 4 s save
@@ -120,7 +146,7 @@ def test_save_killed_by_flushall_is_not_a_backup(cfg: config_mod.Config,
 
 
 def test_failed_save_is_reported(tmp_path: Path,
-                                 redis_factory: Callable[..., RedisServer]) -> None:
+                                 redis_factory: Callable[..., RedisServer], take: Take) -> None:
     server = redis_factory(user="65534")
     fill(server, 50)
     cfg = load(tmp_path, server)
@@ -132,7 +158,7 @@ def test_failed_save_is_reported(tmp_path: Path,
         Path(server.dir).chmod(0o755)
 
 
-def test_wrong_data_dir_is_detected(tmp_path: Path, redis_server: RedisServer) -> None:
+def test_wrong_data_dir_is_detected(tmp_path: Path, redis_server: RedisServer, take: Take) -> None:
     fill(redis_server, 20)
     elsewhere = tmp_path / "not-the-volume"
     elsewhere.mkdir()
@@ -143,7 +169,7 @@ def test_wrong_data_dir_is_detected(tmp_path: Path, redis_server: RedisServer) -
         take(cfg)
 
 
-def test_timeout(cfg: config_mod.Config, redis_server: RedisServer) -> None:
+def test_timeout(cfg: config_mod.Config, redis_server: RedisServer, take: Take) -> None:
     client = redis_server.client()
     client.config_set("rdb-key-save-delay", 50000)  # 200 keys * 50 ms = 10 s
     short = dataclasses.replace(cfg, redis=dataclasses.replace(cfg.redis, save_timeout=0.5))
@@ -230,3 +256,95 @@ def test_copy_is_from_one_descriptor(cfg: config_mod.Config, redis_server: Redis
 def test_loading_server_error_type() -> None:
     # redis-py maps -LOADING to BusyLoadingError, which the handshake waits on.
     assert issubclass(redis.exceptions.BusyLoadingError, redis.exceptions.ConnectionError)
+
+
+def test_live_snapshot_is_read_while_redis_writes_it(cfg: config_mod.Config,
+                                                     redis_server: RedisServer) -> None:
+    """Reading overlaps the save (that is what makes backups faster), and the stream still
+    ends with exactly the dump file Redis confirmed."""
+    client = redis_server.client()
+    client.config_set("rdb-key-save-delay", 5000)  # 200 keys * 5 ms: a save of ~1 s
+    conn = source.connect(cfg.redis, ENV)
+    with source.follow_snapshot(conn, cfg.redis, Path(cfg.backup.dir)) as snap:
+        first = snap.read(1024)
+        during = int(client.info("persistence")["rdb_bgsave_in_progress"])
+        data = first + b"".join(iter(lambda: snap.read(1 << 16), b""))
+    assert first.startswith(b"REDIS") and during == 1
+    assert snap.followed and snap.size == len(data)
+    assert data == (Path(cfg.redis.data_dir) / "dump.rdb").read_bytes()
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["zstd", "zstd+age"])
+@pytest.mark.parametrize("decoy", ["old-dump", "garbage"])
+def test_a_decoy_temp_file_never_becomes_the_backup(tmp_path: Path, redis_server: RedisServer,
+                                                    decoy: str, encrypted: bool) -> None:
+    """Another temp-<pid>.rdb appearing during the save (a stale or foreign file, newer than
+    Redis's) is followed first; the backup must still be Redis's new dump: a complete old RDB
+    is caught by its inode, garbage by the RDB check, and the snapshot is read again (also
+    through age, which must not swallow the signal to read again)."""
+    identity = pyrage.x25519.Identity.generate()
+    fill(redis_server, 200)
+    extra = f'age_recipients = ["{identity.to_public()}"]\n' if encrypted else ""
+    cfg = load(tmp_path, redis_server, extra)
+    client = redis_server.client()
+    data_dir = Path(cfg.redis.data_dir)
+    client.save()
+    old = (data_dir / "dump.rdb").read_bytes()
+    client.set("marker:new", "1")
+    client.config_set("rdb-key-save-delay", 5000)  # ~1 s: the save outlasts the pause
+    marker = tmp_path / "paused"
+    config = tmp_path / "config.toml"
+    backups = Path(cfg.backup.dir)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backupd", "--log-format", "json", "-c", str(config), "backup"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**ENV, "PATH": os.environ["PATH"], "BACKUPD_PAUSE_AT": "snapshot",
+             "BACKUPD_PAUSE_FILE": str(marker)})
+    try:
+        wait_until(lambda: marker.exists() or proc.poll() is not None, 30, "the pause")
+        assert int(client.info("persistence")["rdb_bgsave_in_progress"]) == 1
+        fake = data_dir / "temp-999999.rdb"
+        fake.write_bytes(old if decoy == "old-dump" else b"NOT AN RDB" + os.urandom(50_000))
+        future = time.time() + 3600  # newer than Redis's own temp file, which keeps growing
+        os.utime(fake, (future, future))
+        marker.unlink()
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    (reread,) = [json.loads(line) for line in err.splitlines() if "snapshot_reread" in line]
+    expected = "not the dump Redis kept" if decoy == "old-dump" else "not an RDB file"
+    assert expected in reread["reason"], reread  # caught by the inode / by the RDB check
+    (manifest_path,) = backups.glob("*.json")
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["keys"] == 202 and manifest["keys_exact"]
+    stored = (backups / manifest["artifact"]).read_bytes()
+    if encrypted:
+        stored = pyrage.decrypt(stored, [identity])
+    raw = unzstd(stored)
+    assert b"marker:new" in raw and raw == (data_dir / "dump.rdb").read_bytes()
+
+
+def test_backup_work_yields_the_cpu_to_redis(tmp_path: Path, cfg: config_mod.Config) -> None:
+    """While a backup compresses, its threads run `backup.niceness` nicer than backupd
+    started, so that Redis and its save child get the CPU first."""
+    marker = tmp_path / "paused"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backupd", "--log-format", "json", "-c",
+         str(tmp_path / "config.toml"), "backup"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**ENV, "PATH": os.environ["PATH"], "BACKUPD_PAUSE_AT": "snapshot",
+             "BACKUPD_PAUSE_FILE": str(marker), "BACKUPD_BACKUP__NICENESS": "7"})
+    try:
+        wait_until(lambda: marker.exists() or proc.poll() is not None, 30, "the pause")
+        assert proc.poll() is None
+        nice = {int(Path(f"/proc/{proc.pid}/task/{t}/stat").read_text().rsplit(")", 1)[1]
+                    .split()[16]) for t in os.listdir(f"/proc/{proc.pid}/task")}
+        marker.unlink()
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert os.getpriority(os.PRIO_PROCESS, 0) + 7 in nice, nice

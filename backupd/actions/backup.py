@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import IO
 
 import filelock
 import structlog
@@ -19,10 +19,11 @@ from backupd.config import Config
 from backupd.errors import BusyError, IntegrityError, StorageError, UsageError
 from backupd.manifest import Manifest
 from backupd.pipeline import (
+    CHUNK,
     Counter,
-    ObservedReader,
+    Follower,
     ObservedWriter,
-    Readable,
+    PackResult,
     copy_stream,
     pack,
 )
@@ -94,6 +95,24 @@ def count_keys(head: bytes, keyspace: dict[str, int]) -> tuple[dict[str, int], b
     return per_db, not any(count for db, count in keyspace.items() if db != first)
 
 
+_BASE_NICENESS = os.getpriority(os.PRIO_PROCESS, 0)  # at start-up, before any backup
+
+
+def yield_cpu(niceness: int) -> None:
+    """Lower this thread's CPU priority (and that of the threads it starts: compression,
+    upload) to `niceness` above backupd's own. On a busy machine Redis's save child then
+    gets the CPU first: it is the one serial step of a backup (backupd reads its file while
+    it writes), and Redis serving clients matters more than a backup finishing early.
+    Per thread and idempotent: the daemon's job thread is lowered once, never twice."""
+    target = min(19, _BASE_NICENESS + niceness)
+    tid = threading.get_native_id()
+    try:
+        if os.getpriority(os.PRIO_PROCESS, tid) < target:
+            os.setpriority(os.PRIO_PROCESS, tid, target)
+    except OSError as exc:  # not allowed (seccomp, exotic platform): keep going as we are
+        log.warning("niceness_unchanged", error=str(exc))
+
+
 def check_tag(tag: str) -> str:
     if len(tag) > MAX_TAG or not tag.isprintable():
         raise UsageError(f"--tag must be printable text of at most {MAX_TAG} characters")
@@ -101,29 +120,29 @@ def check_tag(tag: str) -> str:
 
 
 def run_backup(config: Config, *, trigger: str = "manual", tag: str = "",
-               env: Mapping[str, str] | None = None) -> Manifest:
+               env: Mapping[str, str] | None = None,
+               follower: Follower | None = None) -> Manifest:
     """Take one backup into the local directory; returns its committed manifest.
 
-    The caller holds `backup_lock` on the backup directory."""
+    The caller holds `backup_lock` on the backup directory. `follower` reads the artifact
+    while it is written (the S3 upload in parts)."""
     started = time.monotonic()
     check_tag(tag)
+    yield_cpu(config.backup.niceness)
     storage = LocalStorage(Path(config.backup.dir))
     clean_leftovers(storage)
     existing = storage.list().manifests
     previous = existing[0] if existing else None
     client = source.connect(config.redis, env)
     try:
-        with source.snapshot(client, config.redis, storage.dir) as snap:
+        with source.follow_snapshot(client, config.redis, storage.dir) as snap:
             backup_id, moment = next_id(mf.now_utc(), previous)
             encrypted = bool(config.backup.age_recipients)
             name = mf.artifact_name(backup_id, config.backup.compression, encrypted)
-            log.info("snapshot_ready", id=backup_id, path=str(snap.path), raw_size=snap.size)
+            log.info("snapshot_started", id=backup_id, path=str(snap.path))
             checkpoints.reached("snapshot")
-            packed = pack(_marked(snap.file, snap.size, config), storage.dir / name,
-                          compression=config.backup.compression,
-                          level=config.backup.compression_level,
-                          recipients=config.backup.age_recipients)
-            keys_per_db, keys_exact = count_keys(os.pread(snap.file.fileno(), HEAD_BYTES, 0),
+            packed = _pack_snapshot(snap, storage.dir / name, config, follower)
+            keys_per_db, keys_exact = count_keys(os.pread(snap.fileno(), HEAD_BYTES, 0),
                                                  snap.server.keys_per_db)
     finally:
         client.close()
@@ -161,17 +180,48 @@ def run_backup(config: Config, *, trigger: str = "manual", tag: str = "",
     return manifest
 
 
-def _marked(snapshot: IO[bytes], size: int, config: Config) -> Readable:
-    """The snapshot file, read through the crash-test stages when a test asked for them
-    (backupd.checkpoints); the file itself otherwise."""
-    if not checkpoints.ACTIVE:
-        return snapshot
-    marks = [(1 << 20, "copy")]
-    if config.backup.compression != "none":
-        marks.append((size // 2, "compress"))
-    if config.backup.age_recipients:
-        marks.append((size, "encrypt"))
-    return ObservedReader(snapshot, checkpoints.ByteMarks(marks))
+def _pack_snapshot(snap: source.LiveSnapshot, dest: Path, config: Config,
+                   follower: Follower | None) -> PackResult:
+    """pack() the snapshot while Redis writes it; once more from the finished dump file when
+    the followed bytes were not the dump's after all (see source.LiveSnapshot)."""
+    while True:
+        try:
+            return pack(_Marked(snap, config), dest, compression=config.backup.compression,
+                        level=config.backup.compression_level,
+                        recipients=config.backup.age_recipients, follower=follower)
+        except (source.FollowLost, IntegrityError) as exc:
+            if not snap.rewind():
+                raise
+            log.warning("snapshot_reread", path=str(snap.path), reason=str(exc) or
+                        "the file read during the save is not the dump Redis kept")
+
+
+class _Marked:
+    """The snapshot, read through the crash-test stages when a test asked for them
+    (backupd.checkpoints): copy after 1 MiB, compress after half, encrypt at the end."""
+
+    def __init__(self, snap: source.LiveSnapshot, config: Config) -> None:
+        self._snap = snap
+        self._seen = 0
+        self._reached: set[str] = set()
+        self._compress = config.backup.compression != "none"
+        self._encrypt = bool(config.backup.age_recipients)
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self._snap.read(size)
+        if checkpoints.ACTIVE:
+            self._seen += len(data)
+            end, total = not data, self._snap.size
+            self._mark("copy", end or self._seen >= CHUNK)
+            self._mark("compress", self._compress and (
+                end or (total is not None and self._seen > total // 2)))
+            self._mark("encrypt", self._encrypt and end)
+        return data
+
+    def _mark(self, stage: str, due: bool) -> None:
+        if due and stage not in self._reached:
+            self._reached.add(stage)
+            checkpoints.reached(stage)
 
 
 def _check_stored(storage: LocalStorage, manifest: Manifest) -> None:

@@ -51,16 +51,25 @@ def run_cycle(config: Config, *, trigger: str = "manual", tag: str = "", prune: 
 
             remote = S3Storage(config.s3, env)
             pending_uploaded = upload_pending(local, remote, config.s3.keep_local).uploaded
-        manifest = run_backup(config, trigger=trigger, tag=tag, env=env)
-        result = CycleResult(manifest, pending_uploaded=pending_uploaded)
-        if on_backup is not None:
-            on_backup(manifest)
+        # The upload starts while the artifact is being written; it is committed only in
+        # upload(), after the local manifest, and aborted if the backup fails before that.
+        stream = remote.start_upload() if remote is not None else None
+        try:
+            manifest = run_backup(config, trigger=trigger, tag=tag, env=env, follower=stream)
+            result = CycleResult(manifest, pending_uploaded=pending_uploaded)
+            if on_backup is not None:
+                on_backup(manifest)
+        except BaseException:
+            if stream is not None:
+                stream.abort()
+            raise
         upload_error: UploadPending | None = None
         if remote is not None:
             from backupd.actions.upload import upload
 
             try:
-                result.manifest = upload(local, remote, manifest, config.s3.keep_local)
+                result.manifest = upload(local, remote, manifest, config.s3.keep_local,
+                                         stream=stream)
                 result.uploaded = True
             except UploadPending as exc:
                 upload_error = exc

@@ -14,7 +14,7 @@ from backupd import checkpoints
 from backupd.errors import StorageError, UploadPending
 from backupd.manifest import Manifest
 from backupd.storage.local import LocalStorage
-from backupd.storage.s3 import S3Storage
+from backupd.storage.s3 import S3Storage, StreamingUpload
 
 log = structlog.get_logger("backupd.upload")
 PENDING = "pending"
@@ -22,11 +22,17 @@ DONE = "done"
 
 
 def upload(local: LocalStorage, remote: S3Storage, manifest: Manifest,
-           keep_local: bool = True) -> Manifest:
-    """Upload one backup; the local manifest says `done` only after the remote copy is verified."""
+           keep_local: bool = True, stream: StreamingUpload | None = None) -> Manifest:
+    """Upload one backup; the local manifest says `done` only after the remote copy is verified.
+
+    `stream` is the upload that was fed while the artifact was written: it is completed
+    (or, if it failed, replaced by an upload of the local file) and closed in any case."""
     done = manifest.with_upload(DONE)
     try:
-        remote.put(local.artifact_path(manifest), done)
+        if stream is not None:
+            stream.finish(local.artifact_path(manifest), done)
+        else:
+            remote.put(local.artifact_path(manifest), done)
     except StorageError as exc:
         raise UploadPending(f"upload of {manifest.id} failed: {exc}. The local copy is safe and "
                             "marked pending; the next run (or `backupd upload --pending`) "

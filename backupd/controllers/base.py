@@ -17,7 +17,7 @@ from backupd.errors import RestoreError
 
 Probe = Callable[[], bool]  # True while Redis answers PING
 
-POLL_MIN, POLL_MAX = 0.05, 0.1  # each poll late is restore downtime
+POLL_MIN, POLL_MAX = 0.01, 0.02  # each poll late is restore downtime; a poll costs ~0.1 ms
 
 
 class Controller(Protocol):

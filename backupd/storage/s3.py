@@ -19,8 +19,9 @@ import builtins
 import io
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -44,7 +45,13 @@ from botocore.exceptions import (
 from backupd import checkpoints
 from backupd import manifest as mf
 from backupd.config import S3Config
-from backupd.errors import ConfigError, IntegrityError, StorageError, UsageError
+from backupd.errors import (
+    BackupdError,
+    ConfigError,
+    IntegrityError,
+    StorageError,
+    UsageError,
+)
 from backupd.manifest import Manifest
 from backupd.storage.base import DeleteResult, Listing, Orphan
 
@@ -430,9 +437,13 @@ class S3Storage:
     # -- writing -----------------------------------------------------------------------------
 
     def _extra_args(self, manifest: Manifest) -> dict[str, Any]:
-        extra: dict[str, Any] = {
-            "Metadata": {META_ID: manifest.id, META_SHA256: manifest.stored_sha256},
-        }
+        return self._object_args(manifest.id, manifest.stored_sha256)
+
+    def _object_args(self, backup_id: str, sha256: str = "") -> dict[str, Any]:
+        """Metadata, checksum algorithm, storage class and SSE of an artifact upload; `sha256`
+        is empty when it is not known yet (a streamed upload)."""
+        metadata = {META_ID: backup_id, **({META_SHA256: sha256} if sha256 else {})}
+        extra: dict[str, Any] = {"Metadata": metadata}
         algorithm = _CHECKSUMS[self.cfg.checksum]
         if algorithm:
             extra["ChecksumAlgorithm"] = algorithm
@@ -471,7 +482,18 @@ class S3Storage:
                                     ExtraArgs=self._extra_args(manifest), Config=transfer)
         except _BOTO_ERRORS as exc:
             raise self._error(action, exc, key) from None
-        self._verify(key, size, manifest, action, single_part=size < chunk)
+        self._commit(key, size, manifest, action, single_part=size < chunk)
+        log.debug("uploaded backup %s to s3 (%d bytes, %d-byte parts)", manifest.id, size, chunk)
+
+    def start_upload(self) -> StreamingUpload:
+        """A multipart upload to feed while pack() writes the artifact (see StreamingUpload)."""
+        return StreamingUpload(self)
+
+    def _commit(self, key: str, size: int, manifest: Manifest, action: str, *,
+                single_part: bool, streamed: bool = False) -> None:
+        """Check the uploaded object, set its Object Lock retention, then write the manifest
+        (the commit). Whatever fails before the manifest leaves nothing committed."""
+        self._verify(key, size, manifest, action, single_part=single_part, streamed=streamed)
         if self.cfg.object_lock_days > 0:
             try:
                 self.client.put_object_retention(
@@ -484,21 +506,26 @@ class S3Storage:
                                   "failed", exc, key) from None
         checkpoints.reached("upload")
         self._put_manifest(manifest, action)
-        log.debug("uploaded backup %s to s3 (%d bytes, %d-byte parts)", manifest.id, size, chunk)
 
     def _verify(self, key: str, size: int, manifest: Manifest, action: str,
-                single_part: bool) -> None:
+                single_part: bool, streamed: bool = False) -> None:
+        """Size and metadata of the stored object against the manifest. A streamed object
+        was created before its SHA-256 was known: it carries the backup's id instead (S3
+        checked each part's checksum, the manifest carries the SHA-256)."""
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
         except _BOTO_ERRORS as exc:
             raise self._error(action, exc, key) from None
         problem = ""
-        stored = head.get("Metadata", {}).get(META_SHA256)
+        metadata = head.get("Metadata", {})
+        stored = metadata.get(META_SHA256)
         # Only a single-part PUT has a full-object SHA-256 (multipart: checksum of checksums).
         full_sha = head.get("ChecksumSHA256", "") if single_part else ""
         if head.get("ContentLength") != size:
             problem = f"the stored object is {head.get('ContentLength')} bytes, not {size}"
-        elif stored != manifest.stored_sha256:
+        elif streamed and metadata.get(META_ID) != manifest.id:
+            problem = "the stored object's id metadata does not match the manifest"
+        elif not streamed and stored != manifest.stored_sha256:
             problem = "the stored object's sha256 metadata does not match the manifest"
         elif (full_sha and "-" not in full_sha
               and full_sha != base64.b64encode(bytes.fromhex(manifest.stored_sha256)).decode()):
@@ -695,3 +722,260 @@ class S3Storage:
         except _BOTO_ERRORS as exc:
             raise self._error(f"cannot list bucket {self.bucket} prefix {self.prefix!r}",
                               exc) from None
+
+
+# -- streaming upload ------------------------------------------------------------------------
+
+STREAM_WORKERS = 3  # parts in flight while packing; each reads from the file, not from memory
+PARTS_PER_SIZE = 1000  # the part size doubles every 1000 parts (the total size is not known)
+READ_CAP = 64 * 1024  # per read() of a part's body, see _FileRange
+MIN_RATE = MiB  # bytes/s: a part slower than this (beyond the client's timeouts) has failed
+
+
+def stream_part_size(number: int) -> int:
+    """The size of part `number` (from 1) of an upload of unknown total size: 8 MiB for the
+    first 1000 parts, doubled every 1000 parts after, so that 10,000 parts hold about 8 TB
+    (S3's largest object is 5 TB) and no part exceeds S3's 5 GiB."""
+    return MIN_PART_SIZE << ((number - 1) // PARTS_PER_SIZE)
+
+
+class _FileRange(io.RawIOBase):
+    """Bytes [start, start + length) of an open file as a seekable request body, read with
+    pread: botocore hashes, signs, sends and (on a retry) resends it without ever holding the
+    part in memory, and without moving the file's offset under the writer. Reads return at
+    most READ_CAP bytes (botocore asks for 1 MiB to hash): small blocks are reused by malloc,
+    where 1 MiB ones stayed resident in every uploading thread's arena."""
+
+    def __init__(self, fd: int, start: int, length: int) -> None:
+        super().__init__()
+        self._fd, self._start, self._length, self._pos = fd, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = min(max(base + offset, 0), self._length)
+        return self._pos
+
+    def read(self, size: int = -1, /) -> bytes:
+        left = self._length - self._pos
+        size = min(left if size is None or size < 0 else size, left, READ_CAP)
+        if size <= 0:
+            return b""
+        data = os.pread(self._fd, size, self._start + self._pos)
+        if not data:
+            raise OSError(f"the artifact ends before byte {self._start + self._pos}")
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        memoryview(buffer).cast("B")[: len(data)] = data
+        return len(data)
+
+
+@dataclass
+class _Part:
+    number: int
+    length: int
+    future: Future[dict[str, Any] | None]
+
+
+class StreamingUpload:
+    """A multipart upload fed from the artifact while pack() writes it (a pipeline.Follower).
+
+    Each full part goes up from the file itself (os.pread on a dup of pack's descriptor) in
+    a pool of STREAM_WORKERS threads: pack never waits for S3, and memory stays flat however
+    far the upload lags. Nothing is committed before `finish`, which runs after the local
+    manifest: the tail part, CompleteMultipartUpload, then the same checks and commit as
+    `S3Storage.put`. If anything went wrong on the way (or the artifact is smaller than one
+    part), `finish` aborts the multipart upload and falls back to `put` of the finished
+    artifact, so that a failure ends exactly as an upload without streaming would.
+    """
+
+    def __init__(self, storage: S3Storage) -> None:
+        self._storage = storage
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._fd = -1
+        self._key = ""
+        self._backup_id = ""
+        self._upload_id: str | None = None
+        self._parts: builtins.list[_Part] = []
+        self._offset = 0  # the end of the last part handed to the pool
+        self._failure: StorageError | None = None  # the first thing that went wrong
+        self._stopped = False  # failed, aborted or finished: no new part, no new upload
+
+    # -- pipeline.Follower (never raises: a failed upload must not fail the local backup) ----
+
+    def opened(self, fd: int, name: str) -> None:
+        backup_id = _our_name(name)
+        if backup_id is None or self._pool is not None:
+            self._fail(StorageError(f"S3: cannot stream {name[:80]!r}: not a new artifact"))
+            return
+        try:
+            self._fd = os.dup(fd)
+        except OSError as exc:
+            self._fail(StorageError(f"S3: cannot stream {name}: {exc.strerror}"))
+            return
+        self._key, self._backup_id = self._storage.prefix + name, backup_id
+        self._pool = ThreadPoolExecutor(STREAM_WORKERS, thread_name_prefix="s3-part")
+
+    def written(self, size: int) -> None:
+        try:
+            while not self._stopped and self._pool is not None:
+                length = stream_part_size(len(self._parts) + 1)
+                if size - self._offset < length:
+                    break
+                self._submit(length)
+        except Exception as exc:  # e.g. the pool refuses work: stream no further
+            self._fail(StorageError(f"S3: streaming stopped: {type(exc).__name__}"))
+
+    def abandoned(self) -> None:
+        self.abort()
+
+    # -- the caller's side -------------------------------------------------------------------
+
+    def finish(self, artifact: Path, manifest: Manifest) -> None:
+        """Complete, check and commit the streamed upload of `artifact` (the finished file);
+        falls back to `S3Storage.put` when the stream cannot be used. StorageError (or
+        IntegrityError) as `put` raises them."""
+        try:
+            if self._complete(manifest):
+                return
+        except Exception as exc:  # whatever it was, the file upload below is today's path
+            log.warning("streamed upload of backup %s failed (%s); uploading the finished "
+                        "artifact instead", manifest.id, exc if isinstance(exc, BackupdError)
+                        else type(exc).__name__)
+        finally:
+            self.abort()
+        self._storage.put(artifact, manifest)
+
+    def abort(self) -> None:
+        """Stop streaming and abort the multipart upload if one is open (best effort: an
+        incomplete upload is invisible and S3 lifecycle rules expire it). Idempotent."""
+        with self._lock:
+            self._stopped = True
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+            self._wait(self._parts)  # in-flight parts end within their requests' timeouts
+        upload_id, self._upload_id = self._upload_id, None
+        if upload_id is not None:
+            storage = self._storage
+            try:
+                storage.client.abort_multipart_upload(Bucket=storage.bucket, Key=self._key,
+                                                      UploadId=upload_id)
+            except _BOTO_ERRORS as exc:
+                log.warning("could not abort the multipart upload of %s: %s", self._key,
+                            storage._reason(exc, self._key))
+        if self._fd >= 0 and all(p.future.done() for p in self._parts):
+            os.close(self._fd)  # not while a stuck part may still read it: no reused number
+            self._fd = -1
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _submit(self, length: int) -> None:
+        assert self._pool is not None
+        number, start = len(self._parts) + 1, self._offset
+        future = self._pool.submit(self._upload_part, number, start, length)
+        self._parts.append(_Part(number, length, future))
+        self._offset += length
+
+    def _fail(self, error: StorageError) -> None:
+        with self._lock:
+            self._stopped = True
+            if self._failure is None:
+                self._failure = error
+
+    def _create(self) -> str:
+        """The multipart upload's id, created by the first part to need it."""
+        storage = self._storage
+        with self._lock:
+            if self._stopped:
+                raise StorageError("S3: streaming stopped")
+            if self._upload_id is None:
+                extra = storage._object_args(self._backup_id)
+                resp = storage.client.create_multipart_upload(
+                    Bucket=storage.bucket, Key=self._key, **extra)
+                self._upload_id = resp["UploadId"]
+            return self._upload_id
+
+    def _upload_part(self, number: int, start: int, length: int) -> dict[str, Any] | None:
+        """Upload one part; returns its entry for CompleteMultipartUpload, or None after a
+        failure (recorded in `_failure`, which stops the stream)."""
+        storage = self._storage
+        action = f"streamed upload to bucket {storage.bucket} failed (part {number})"
+        try:
+            upload_id = self._create()
+            algorithm = _CHECKSUMS[storage.cfg.checksum]
+            body = _FileRange(self._fd, start, length)
+            args: dict[str, Any] = {"Bucket": storage.bucket, "Key": self._key,
+                                    "UploadId": upload_id, "PartNumber": number,
+                                    "Body": body, "ContentLength": length}
+            if algorithm:
+                args["ChecksumAlgorithm"] = algorithm  # S3 checks every part
+            resp = cast(dict[str, Any], storage.client.upload_part(**args))
+            part = {"PartNumber": number, "ETag": resp["ETag"]}
+        except StorageError as exc:
+            self._fail(exc)
+            return None
+        except Exception as exc:  # botocore, OSError, a malformed answer: never escapes
+            self._fail(storage._error(action, exc, self._key))
+            return None
+        checksum = resp.get(f"Checksum{algorithm}") if algorithm else None
+        if checksum:  # S3 wants it back in CompleteMultipartUpload (some servers send none)
+            part[f"Checksum{algorithm}"] = checksum
+        return part
+
+    def _wait(self, parts: builtins.list[_Part]) -> bool:
+        """Wait for `parts`, at most as long as their requests may take; False on timeout."""
+        cfg = self._storage.cfg
+        per_request = cfg.max_attempts * (cfg.connect_timeout + cfg.read_timeout)
+        pending = [p for p in parts if not p.future.done()]
+        timeout = sum(per_request + p.length / MIN_RATE for p in pending)
+        _done, not_done = wait([p.future for p in pending], timeout=timeout)
+        return not not_done
+
+    def _complete(self, manifest: Manifest) -> bool:
+        """Upload the tail, complete and commit; False when nothing was streamed (a small
+        artifact). StorageError when the stream failed or cannot be completed."""
+        storage = self._storage
+        if self._failure is not None:
+            raise self._failure
+        if self._pool is None or self._stopped:
+            raise StorageError("S3: the streamed upload was not fed to the end")
+        key = storage._artifact_key(manifest)
+        size = manifest.stored_size
+        if key != self._key or os.fstat(self._fd).st_size != size:
+            raise StorageError(f"S3: the streamed file is not the artifact of {manifest.id}")
+        self.written(size)  # every full part (written() has seen the final size already)
+        if not self._parts:
+            return False
+        if size > self._offset:
+            self._submit(size - self._offset)  # the tail: the last part may be smaller
+        action = f"upload of backup {manifest.id} to bucket {storage.bucket} failed"
+        if not self._wait(self._parts):
+            raise StorageError(f"S3: {action}: the parts did not finish in time")
+        parts = [p.future.result() for p in self._parts]
+        if self._failure is not None:
+            raise self._failure
+        assert self._upload_id is not None and all(parts)
+        try:
+            storage.client.complete_multipart_upload(
+                Bucket=storage.bucket, Key=key, UploadId=self._upload_id,
+                MultipartUpload={"Parts": cast(Any, parts)})
+        except _BOTO_ERRORS as exc:
+            raise storage._error(action, exc, key) from None
+        self._upload_id = None  # completed: nothing left to abort
+        storage._commit(key, size, manifest, action, single_part=False, streamed=True)
+        log.debug("uploaded backup %s to s3 while packing (%d bytes, %d parts)", manifest.id,
+                  size, len(parts))
+        return True

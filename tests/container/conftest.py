@@ -89,17 +89,27 @@ def podman_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     with contextlib.suppress(FileNotFoundError):
         os.unlink(SOCKET_PATH)  # left over from a crashed run with the same pid
-    url = f"unix://{SOCKET_PATH}"
-    with (logs / "service.log").open("w") as service_log:
+    try:
+        with podman_service(Path(SOCKET_PATH), logs / "service.log") as url:
+            yield url
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(SOCKET_PATH)
+
+
+@contextlib.contextmanager
+def podman_service(path: Path, log: Path) -> Iterator[str]:
+    """`podman system service` on the unix socket `path`, answering pings; yields its URL."""
+    url = f"unix://{path}"
+    with log.open("w") as out:
         proc = subprocess.Popen(["podman", "system", "service", "--time=0", url],
-                                stdout=service_log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         def ready() -> bool:
             if proc.poll() is not None:
                 pytest.fail(f"podman system service exited {proc.returncode}: "
-                            f"{(logs / 'service.log').read_text(errors='replace')}")
-            if not os.path.exists(SOCKET_PATH):
+                            f"{log.read_text(errors='replace')}")
+            if not path.exists():
                 return False
             client = docker.DockerClient(base_url=url, timeout=5)
             try:
@@ -107,7 +117,7 @@ def podman_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             finally:
                 client.close()
 
-        _wait_until(ready, 30, f"the podman API on {SOCKET_PATH}")
+        _wait_until(ready, 30, f"the podman API on {path}")
         yield url
     finally:
         proc.terminate()
@@ -116,8 +126,6 @@ def podman_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(SOCKET_PATH)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -40,7 +39,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from backupd.pipeline import TEMP_MARK
 from backupd.storage.local import LocalStorage
 
-from .conftest import RedisContainer, RedisFactory, _remove, _wait_until, free_port
+from .conftest import (
+    RedisContainer,
+    RedisFactory,
+    _remove,
+    _wait_until,
+    free_port,
+    podman_service,
+)
 
 # The first container test of a session pays for podman-setup.sh and the image build.
 pytestmark = [pytest.mark.container, pytest.mark.timeout(900)]
@@ -75,35 +81,10 @@ def sidecar_api_socket(podman_api: str,
     """
     directory = tmp_path_factory.mktemp("sidecar-api")
     path = directory / "podman.sock"
-    log = directory / "service.log"
-    url = f"unix://{path}"
-    with log.open("w") as out:
-        proc = subprocess.Popen(["podman", "system", "service", "--time=0", url],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        def ready() -> bool:
-            if proc.poll() is not None:
-                pytest.fail(f"podman system service exited {proc.returncode}: "
-                            f"{log.read_text(errors='replace')}")
-            if not path.exists():
-                return False
-            client = docker.DockerClient(base_url=url, timeout=5)
-            try:
-                return bool(client.ping())
-            finally:
-                client.close()
-
-        _wait_until(ready, 30, f"the podman API on {path}")
+    with podman_service(path, directory / "service.log"):
         os.chown(path, -1, SOCKET_GID)  # created root:root 0600
         os.chmod(path, 0o660)
         yield path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @dataclass

@@ -20,7 +20,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.conftest import PASSWORD, S3_ENV, S3_KEY_ID, S3_SECRET, RedisServer, wait_until
+from tests.test_restore import Service as CommandService
 
 SECRETS = (PASSWORD, S3_SECRET)
 ROOT = Path(__file__).resolve().parents[2]
-CTL = ROOT / "tests" / "restore_redisctl.py"
 ID_FILE_RE = re.compile(r"^(\d{8}T\d{6}Z-[0-9a-f]{6})\.json\Z")
 LOCK = ".backupd.lock"
 STATE = ".backupd-state.json"  # the daemon's health state (backupd/health.py)
@@ -461,59 +461,12 @@ def _status(pid: int) -> str:
 
 
 @dataclass
-class Service:
-    server: RedisServer
-    cleanup: list[Path] = field(default_factory=list)
-
-    @property
-    def dir(self) -> Path:
-        return self.server.dir
+class Service(CommandService):
+    """tests/test_restore.py's command-controlled Redis, plus what the fault tests ask of it."""
 
     @property
     def port(self) -> int:
         return self.server.port
-
-    @property
-    def pidfile(self) -> Path:
-        return self.dir / "redis.pid"
-
-    def start_command(self) -> list[str]:
-        return [sys.executable, str(CTL), "start", str(self.pidfile), "--", *self.server.argv()]
-
-    def stop_command(self) -> list[str]:
-        return [sys.executable, str(CTL), "stop", str(self.pidfile)]
-
-    def start(self) -> None:
-        subprocess.run(self.start_command(), check=True, timeout=30)
-        wait_until(self.ready, 20, f"redis on port {self.port}")
-
-    def stop(self) -> None:
-        subprocess.run(self.stop_command(), check=True, timeout=30)
-
-    def ready(self) -> bool:
-        try:
-            client = redis_client(self.port)
-            try:
-                return bool(client.ping()) and not int(client.info("persistence")["loading"])
-            finally:
-                client.close()
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-            return False
-
-    def answers(self) -> bool:
-        try:
-            client = redis_client(self.port)
-            try:
-                return bool(client.ping())
-            finally:
-                client.close()
-        except redis.exceptions.BusyLoadingError:
-            return True
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-            return False
-
-    def run_id(self) -> str:
-        return str(info(self.port, "server")["run_id"])
 
     def restore_section(self) -> str:
         return (f'[restore]\nmethod = "command"\nstop_timeout = "15s"\nstart_timeout = "30s"\n'

@@ -13,9 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import zstandard
 
-from tests.conftest import RedisServer, wait_until, write_config
+from tests.conftest import RedisServer, unzstd, wait_until, write_config
 from tests.faults import harness
 from tests.faults.harness import (
     cli,
@@ -85,15 +84,19 @@ def test_redis_dies_during_bgsave(slow_save: tuple[RedisServer, Path], tmp_path:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.parametrize("follow", [False, True], ids=["finished", "followed"])
 @pytest.mark.parametrize("how", ["killed", "restarted-and-saved"])
 def test_redis_dies_during_the_copy(slow_save: tuple[RedisServer, Path], tmp_path: Path,
-                                    how: str) -> None:
-    """The backup holds the snapshot it opened, even when dump.rdb is replaced meanwhile."""
-    fault_case(f"redis {how} during the copy")
+                                    how: str, follow: bool) -> None:
+    """A backup keeps the snapshot it opened, even when dump.rdb is replaced meanwhile. Read
+    after the save (follow_save = false) it succeeds; read while Redis writes it, it may also
+    fail cleanly: Redis died before it could confirm the save. Never the new data."""
+    fault_case(f"redis {how} during the copy ({'followed' if follow else 'finished'} save)")
     server, config = slow_save
     marker = tmp_path / "paused"
     spawned = spawn(config, "backup", env={"BACKUPD_PAUSE_AT": "copy",
-                                           "BACKUPD_PAUSE_FILE": str(marker)})
+                                           "BACKUPD_PAUSE_FILE": str(marker),
+                                           "BACKUPD_REDIS__FOLLOW_SAVE": str(follow).lower()})
     wait_until(lambda: marker.exists() or spawned.proc.poll() is not None, 30,
                "the backup to reach the copy")
     assert spawned.proc.poll() is None, spawned.output()
@@ -108,6 +111,9 @@ def test_redis_dies_during_the_copy(slow_save: tuple[RedisServer, Path], tmp_pat
         client.save()  # a new dump.rdb is renamed over the one being copied
         client.close()
     marker.unlink()
+    if follow and spawned.wait(60) != 0:
+        assert_failed_cleanly(spawned, tmp_path / "backups", within=15)
+        return
     assert spawned.wait(60) == 0, spawned.output()
     spawned.output()
     (manifest,) = complete_local(tmp_path / "backups").values()
@@ -115,6 +121,6 @@ def test_redis_dies_during_the_copy(slow_save: tuple[RedisServer, Path], tmp_pat
     ran = harness.cli_fast(config, "verify", manifest["id"], "--deep")
     assert ran.code == 0, ran.stdout
     artifact = tmp_path / "backups" / manifest["artifact"]
-    raw = zstandard.ZstdDecompressor().decompressobj().decompress(artifact.read_bytes())
+    raw = unzstd(artifact.read_bytes())
     assert MARK_OLD in raw and MARK_NEW not in raw
     assert json.dumps(manifest)  # a plain, complete manifest
