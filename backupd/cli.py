@@ -19,6 +19,7 @@ import structlog
 from backupd import __version__, logs
 from backupd import config as config_mod
 from backupd.errors import EXIT_FAILED, EXIT_INTEGRITY, BackupdError
+from backupd.zstd_frames import keep_buffers
 
 log = structlog.get_logger("backupd")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -87,6 +88,7 @@ pass_state = click.make_pass_decorator(State)
 def cli(ctx: click.Context, config_path: str | None, log_format: str | None,
         log_level: str | None) -> None:
     """backupd: verified Redis backups, offsite copies and safe restores."""
+    keep_buffers()
     logs.setup(log_format or "auto", log_level or "info")
     ctx.obj = State(config_path, log_format, log_level)
 
