@@ -12,9 +12,10 @@ constant read at import, and nothing else happens.
 
 Stages (tests/faults/ kills at each of them):
 
-  backup   snapshot    the dump file is open, nothing written yet
+  backup   snapshot    BGSAVE requested, nothing read or written yet (Redis may be saving)
            copy        1 MiB of the snapshot read into the pipeline (temp artifact open)
-           compress    half of the snapshot read (only when compressing)
+           compress    half of the snapshot read, or all of it when its size was only known
+                       at the end (read while Redis wrote it) (only when compressing)
            encrypt     all of the snapshot read, encryption of the tail pending (only with age)
            manifest    artifact renamed into place, its manifest not written yet
            committed   manifest written (upload, if any, and prune still to come)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyrage
@@ -274,6 +275,27 @@ def test_live_snapshot_is_read_while_redis_writes_it(cfg: config_mod.Config,
     assert data == (Path(cfg.redis.data_dir) / "dump.rdb").read_bytes()
 
 
+@contextlib.contextmanager
+def paused_backup(tmp_path: Path, **env: str) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """`backupd backup` (config tmp_path/config.toml) held at its "snapshot" checkpoint: BGSAVE
+    sent, nothing read yet. Deleting the yielded marker file lets it go on."""
+    marker = tmp_path / "paused"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backupd", "--log-format", "json", "-c",
+         str(tmp_path / "config.toml"), "backup"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**ENV, "PATH": os.environ["PATH"], "BACKUPD_PAUSE_AT": "snapshot",
+             "BACKUPD_PAUSE_FILE": str(marker), **env})
+    try:
+        wait_until(lambda: marker.exists() or proc.poll() is not None, 30, "the pause")
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        yield proc, marker
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.parametrize("encrypted", [False, True], ids=["zstd", "zstd+age"])
 @pytest.mark.parametrize("decoy", ["old-dump", "garbage"])
 def test_a_decoy_temp_file_never_becomes_the_backup(tmp_path: Path, redis_server: RedisServer,
@@ -292,16 +314,8 @@ def test_a_decoy_temp_file_never_becomes_the_backup(tmp_path: Path, redis_server
     old = (data_dir / "dump.rdb").read_bytes()
     client.set("marker:new", "1")
     client.config_set("rdb-key-save-delay", 5000)  # ~1 s: the save outlasts the pause
-    marker = tmp_path / "paused"
-    config = tmp_path / "config.toml"
     backups = Path(cfg.backup.dir)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "backupd", "--log-format", "json", "-c", str(config), "backup"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**ENV, "PATH": os.environ["PATH"], "BACKUPD_PAUSE_AT": "snapshot",
-             "BACKUPD_PAUSE_FILE": str(marker)})
-    try:
-        wait_until(lambda: marker.exists() or proc.poll() is not None, 30, "the pause")
+    with paused_backup(tmp_path) as (proc, marker):
         assert int(client.info("persistence")["rdb_bgsave_in_progress"]) == 1
         fake = data_dir / "temp-999999.rdb"
         fake.write_bytes(old if decoy == "old-dump" else b"NOT AN RDB" + os.urandom(50_000))
@@ -309,9 +323,6 @@ def test_a_decoy_temp_file_never_becomes_the_backup(tmp_path: Path, redis_server
         os.utime(fake, (future, future))
         marker.unlink()
         _out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, err[-3000:]
     (reread,) = [json.loads(line) for line in err.splitlines() if "snapshot_reread" in line]
     expected = "not the dump Redis kept" if decoy == "old-dump" else "not an RDB file"
@@ -329,22 +340,10 @@ def test_a_decoy_temp_file_never_becomes_the_backup(tmp_path: Path, redis_server
 def test_backup_work_yields_the_cpu_to_redis(tmp_path: Path, cfg: config_mod.Config) -> None:
     """While a backup compresses, its threads run `backup.niceness` nicer than backupd
     started, so that Redis and its save child get the CPU first."""
-    marker = tmp_path / "paused"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "backupd", "--log-format", "json", "-c",
-         str(tmp_path / "config.toml"), "backup"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**ENV, "PATH": os.environ["PATH"], "BACKUPD_PAUSE_AT": "snapshot",
-             "BACKUPD_PAUSE_FILE": str(marker), "BACKUPD_BACKUP__NICENESS": "7"})
-    try:
-        wait_until(lambda: marker.exists() or proc.poll() is not None, 30, "the pause")
-        assert proc.poll() is None
+    with paused_backup(tmp_path, BACKUPD_BACKUP__NICENESS="7") as (proc, marker):
         nice = {int(Path(f"/proc/{proc.pid}/task/{t}/stat").read_text().rsplit(")", 1)[1]
                     .split()[16]) for t in os.listdir(f"/proc/{proc.pid}/task")}
         marker.unlink()
         _out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, err[-2000:]
     assert os.getpriority(os.PRIO_PROCESS, 0) + 7 in nice, nice
