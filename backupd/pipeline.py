@@ -540,11 +540,11 @@ def unpack(source: Readable, sink: Writable | None, *, compression: str, encrypt
     outputs: list[Observer] = [_fan_out(raw, checker.update)]
     if sink is not None:
         outputs.append(_FileSink(sink).write)
+    recorded = _RecordedDigest(raw, trust_recorded)
     try:
-        with contextlib.ExitStack() as stages:
+        with contextlib.ExitStack() as stages:  # closing it waits for every stage to finish
             if not encrypted:
                 outputs = [stages.enter_context(_Stage(output)) for output in outputs]
-            raw_writer = ObservedWriter(None, *outputs)
             if compression == "zstd" and not encrypted:
                 hash_stored = stages.enter_context(_Stage(stored))
 
@@ -554,34 +554,12 @@ def unpack(source: Readable, sink: Writable | None, *, compression: str, encrypt
                         hash_stored(chunk)
                     return chunk
 
-                recorded = _RecordedDigest(raw, trust_recorded)
                 decode_zstd_frames(next_chunk, _fan_out(*outputs),
                                    on_backupd_frame=recorded.frame)
-                stages.close()  # every stage done: the counts and the checker are complete
-                return UnpackResult(stored.digest(), recorded.check(raw.digest()),
-                                    checker.finish())
-            writer: Writable = raw_writer
-            zstd_writer: Any = None
-            zlib_writer: _ZlibWriter | None = None
-            if compression == "zstd":
-                writer = zstd_writer = zstandard.ZstdDecompressor().stream_writer(
-                    raw_writer, write_size=CHUNK, closefd=False)  # type: ignore[arg-type]
-            elif compression == "gzip":
-                writer = zlib_writer = _ZlibWriter(raw_writer)
-            if encrypted:
-                observed = ObservedReader(source, stored)  # hashed in READ_SIZE chunks,
-                chunks = _Chunks(lambda: observed.read(READ_SIZE) or None)  # read in 8 KiB
-                _through_pyrage(pyrage.decrypt_io, chunks, writer, list(identities))
             else:
-                hash_stored = stages.enter_context(_Stage(stored))
-                while chunk := source.read(READ_SIZE):
-                    hash_stored(chunk)
-                    writer.write(chunk)
-            if zstd_writer is not None:
-                zstd_writer.flush()
-            if zlib_writer is not None:
-                zlib_writer.finish()
-            return _unpacked(stages, stored, raw, checker)
+                _decode_stream(source, outputs, stages, stored, compression, encrypted,
+                               identities)
+        return UnpackResult(stored.digest(), recorded.check(raw.digest()), checker.finish())
     except pyrage.DecryptError as exc:
         raise IntegrityError(f"cannot decrypt the backup (wrong identity or corrupt): {exc}") \
             from None
@@ -594,10 +572,33 @@ def unpack(source: Readable, sink: Writable | None, *, compression: str, encrypt
         raise IntegrityError(f"cannot decrypt the backup (corrupt): {exc}") from None
 
 
-def _unpacked(stages: contextlib.ExitStack, stored: Counter, raw: Counter,
-              checker: RdbChecker) -> UnpackResult:
-    stages.close()  # every stage done: the counts and the checker are complete
-    return UnpackResult(stored.digest(), raw.digest(), checker.finish())
+def _decode_stream(source: Readable, outputs: list[Observer], stages: contextlib.ExitStack,
+                   stored: Counter, compression: str, encrypted: bool,
+                   identities: Sequence[Any]) -> None:
+    """The stored artifact decrypted and decompressed as one stream into `outputs`: the path
+    of gzip, of no compression, and of everything encrypted (module docstring)."""
+    raw_writer = ObservedWriter(None, *outputs)
+    writer: Writable = raw_writer
+    zstd_writer: Any = None
+    zlib_writer: _ZlibWriter | None = None
+    if compression == "zstd":
+        writer = zstd_writer = zstandard.ZstdDecompressor().stream_writer(
+            raw_writer, write_size=CHUNK, closefd=False)  # type: ignore[arg-type]
+    elif compression == "gzip":
+        writer = zlib_writer = _ZlibWriter(raw_writer)
+    if encrypted:
+        observed = ObservedReader(source, stored)  # hashed in READ_SIZE chunks,
+        chunks = _Chunks(lambda: observed.read(READ_SIZE) or None)  # read in 8 KiB
+        _through_pyrage(pyrage.decrypt_io, chunks, writer, list(identities))
+    else:
+        hash_stored = stages.enter_context(_Stage(stored))
+        while chunk := source.read(READ_SIZE):
+            hash_stored(chunk)
+            writer.write(chunk)
+    if zstd_writer is not None:
+        zstd_writer.flush()
+    if zlib_writer is not None:
+        zlib_writer.finish()
 
 
 def load_identities(path: str) -> list[Any]:

@@ -19,6 +19,8 @@ import pytest
 import redis
 import zstandard
 
+from tests.faults.s3proxy import FaultProxy
+
 PASSWORD = "s3cr3t-Redis-pw-4711"  # a known secret: tests assert it never appears in output
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -221,6 +223,17 @@ def bucket(moto_endpoint: str, request: pytest.FixtureRequest) -> str:
                           aws_secret_access_key=S3_SECRET, region_name="us-east-1")
     client.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def proxy(moto_endpoint: str) -> Iterator[FaultProxy]:
+    """A fault-injecting HTTP proxy in front of moto (tests/faults/s3proxy.py); afterwards,
+    no request on the wire carried the S3 secret or the Redis password."""
+    fault_proxy = FaultProxy(moto_endpoint).start()
+    yield fault_proxy
+    fault_proxy.close()
+    for raw in fault_proxy.wire:  # the secret key signs requests; it never travels
+        assert S3_SECRET.encode() not in raw and PASSWORD.encode() not in raw
 
 
 def s3_section(endpoint: str, bucket: str, extra: str = "") -> str:

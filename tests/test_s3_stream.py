@@ -300,13 +300,6 @@ def big_redis(redis_server: RedisServer) -> RedisServer:
     return redis_server
 
 
-@pytest.fixture
-def proxy(moto_endpoint: str) -> Iterator[FaultProxy]:
-    fault_proxy = FaultProxy(moto_endpoint).start()
-    yield fault_proxy
-    fault_proxy.close()
-
-
 def setup(tmp_path: Path, server: RedisServer, url: str, bucket: str,
           extra: str = "") -> tuple[Path, Path]:
     backups = tmp_path / "backups"

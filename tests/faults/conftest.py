@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PASSWORD, S3_SECRET, RedisServer, free_port
+from tests.conftest import PASSWORD, RedisServer, free_port
 from tests.faults import harness
 from tests.faults.harness import STATS, Bucket, Service
-from tests.faults.s3proxy import FaultProxy
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -80,15 +79,6 @@ def s3(moto_endpoint: str) -> Bucket:
     found = Bucket(moto_endpoint, f"faults-{uuid.uuid4().hex[:16]}")
     found.client().create_bucket(Bucket=found.name)
     return found
-
-
-@pytest.fixture
-def proxy(moto_endpoint: str) -> Iterator[FaultProxy]:
-    fault_proxy = FaultProxy(moto_endpoint).start()
-    yield fault_proxy
-    fault_proxy.close()
-    for raw in fault_proxy.wire:  # the secret key signs requests; it never travels
-        assert S3_SECRET.encode() not in raw and PASSWORD.encode() not in raw
 
 
 @pytest.fixture
