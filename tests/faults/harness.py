@@ -421,6 +421,12 @@ def info(port: int, section: str = "everything") -> dict[str, Any]:
         client.close()
 
 
+def in_bgsave(port: int) -> bool:
+    """True while a save child runs: a failed backup may leave its BGSAVE running (reading it
+    live, backupd can stop first), and Redis refuses SAVE until it ends."""
+    return bool(int(info(port, "persistence")["rdb_bgsave_in_progress"]))
+
+
 def set_save_delay(port: int, micros_per_key: int) -> None:
     client = redis_client(port)
     try:

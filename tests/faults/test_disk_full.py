@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RedisServer, free_port, write_config
+from tests.conftest import RedisServer, free_port, wait_until, write_config
 from tests.faults import harness
 from tests.faults.harness import (
     cli,
     complete_local,
     fault_case,
     free_bytes,
+    in_bgsave,
     info,
     last_event,
     leftovers,
@@ -101,6 +102,7 @@ def test_backup_dir_fills_mid_write(tmp_path: Path, redis_server: RedisServer,
     assert "No space left on device" in last_event(proc.stderr)["error"]
     assert_untouched(backups, before, older, config)
     assert free_bytes(backups) == free  # nothing of the failed backup stays
+    wait_until(lambda: not in_bgsave(redis_server.port), 30, "Redis's save to end")
     client = redis_client(redis_server.port)
     client.flushall()
     populate(redis_server.port, 1000, 64)

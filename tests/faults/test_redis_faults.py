@@ -20,7 +20,7 @@ from tests.faults.harness import (
     cli,
     complete_local,
     fault_case,
-    info,
+    in_bgsave,
     kill_redis,
     last_event,
     leftovers,
@@ -46,10 +46,6 @@ def slow_save(tmp_path: Path, redis_factory: Callable[..., RedisServer]
     return server, config
 
 
-def in_bgsave(server: RedisServer) -> bool:
-    return bool(int(info(server.port, "persistence")["rdb_bgsave_in_progress"]))
-
-
 def assert_failed_cleanly(spawned: harness.Spawned, backups: Path, within: float) -> str:
     started = time.monotonic()
     code = spawned.wait(60)
@@ -70,7 +66,7 @@ def test_redis_dies_during_bgsave(slow_save: tuple[RedisServer, Path], tmp_path:
     server, config = slow_save
     set_save_delay(server.port, -1)  # ~1.6 s of saving
     spawned = spawn(config, "backup")
-    wait_until(lambda: in_bgsave(server), 20, "the backup's BGSAVE")
+    wait_until(lambda: in_bgsave(server.port), 20, "the backup's BGSAVE")
     if how == "killed":
         kill_redis(server)
     else:  # a restart (policy `always`): SIGTERM kills the save child, then start again
