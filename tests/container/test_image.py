@@ -18,9 +18,20 @@ REPO = Path(__file__).resolve().parents[2]
 
 def run(client: docker.DockerClient, image: str, command: list[str] | None = None,
         entrypoint: list[str] | None = None) -> str:
-    """Run a throwaway container to completion; its output, or ContainerError on exit != 0."""
-    out: bytes = client.containers.run(image, command, entrypoint=entrypoint, remove=True,
-                                       network_mode="host", stdout=True, stderr=True)
+    """Run a throwaway container to completion; its output (stdout and stderr).
+
+    Not `containers.run()`: it follows the logs on a socket without a timeout, and podman
+    sometimes never ends that stream for a container that already exited (a CI run hung
+    for 15 minutes there). `wait()` has a deadline; the logs are read once it returned."""
+    container = client.containers.create(image, command, entrypoint=entrypoint,
+                                         network_mode="host")
+    try:
+        container.start()
+        status = container.wait(timeout=120)["StatusCode"]
+        out: bytes = container.logs(stdout=True, stderr=True)
+    finally:
+        container.remove(force=True)
+    assert status == 0, f"{entrypoint or ''} {command or ''} exited {status}: {out!r}"
     return out.decode()
 
 
