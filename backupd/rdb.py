@@ -37,13 +37,28 @@ def parse_header(head: bytes) -> int:
     return int(match.group(2) or match.group(3))
 
 
+class HeaderCheck:
+    """Fed the file's first chunks, raises IntegrityError as soon as the header shows that it
+    is not an RDB file: a backup stops at once, even where the full check runs behind it in
+    another thread."""
+
+    def __init__(self) -> None:
+        self.head = b""
+
+    def __call__(self, chunk: bytes | memoryview) -> None:
+        if len(self.head) < HEADER_SIZE:
+            self.head += bytes(chunk[: HEADER_SIZE - len(self.head)])
+            if len(self.head) == HEADER_SIZE:
+                parse_header(self.head)
+
+
 class RdbChecker:
     """Feed the whole file in order; `finish()` checks the structure and the CRC trailer."""
 
     def __init__(self) -> None:
         self._model = anycrc.Model("CRC64-REDIS")
         self._crc = 0
-        self._head = b""
+        self._header = HeaderCheck()
         self._tail = b""  # the last 8 bytes seen: not part of the CRC if they end the file
         self._before_tail = -1  # the byte before them: must be the EOF opcode
         self.size = 0
@@ -52,10 +67,7 @@ class RdbChecker:
         if not chunk:
             return
         self.size += len(chunk)
-        if len(self._head) < HEADER_SIZE:
-            self._head += bytes(chunk[: HEADER_SIZE - len(self._head)])
-            if len(self._head) == HEADER_SIZE:
-                parse_header(self._head)  # not an RDB: say so now, not after the whole file
+        self._header(chunk)  # not an RDB: say so now, not after the whole file
         if len(chunk) >= TRAILER_SIZE:
             if self._tail:
                 self._crc = self._model.calc(self._tail, init=self._crc)
@@ -77,7 +89,7 @@ class RdbChecker:
     def finish(self) -> RdbInfo:
         if self.size == 0:
             raise IntegrityError("the RDB file is empty")
-        version = parse_header(self._head)
+        version = parse_header(self._header.head)
         if self.size < HEADER_SIZE + 1 + TRAILER_SIZE:
             raise IntegrityError(f"the RDB file is truncated ({self.size} bytes)")
         if self._before_tail != EOF_OPCODE:
