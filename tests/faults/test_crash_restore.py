@@ -24,6 +24,7 @@ from tests.faults.harness import (
     Service,
     cli,
     contents,
+    in_bgsave,
     info,
     populate,
     redis_client,
@@ -69,6 +70,8 @@ def make_old(service: Service) -> Data:
     finally:
         client.close()
     populate(service.port, 500, 40, prefix="old")
+    # A restore's safety BGSAVE or Redis's own may still run after a kill: SAVE would fail.
+    wait_until(lambda: not in_bgsave(service.port), 30, "Redis's background save to end")
     client = redis_client(service.port)
     try:
         client.save()  # Redis's own file holds its data, as after any save
