@@ -19,7 +19,9 @@ from backupd.manifest import Manifest
 
 @dataclass(frozen=True)
 class Orphan:
-    """An artifact or temp file of ours with no manifest: a crashed or interrupted write."""
+    """An artifact or temp file of ours with no manifest, or (S3) an incomplete multipart
+    upload of ours: a crashed or interrupted write. `modified` is when an upload started;
+    `size` is 0 for an upload (its parts are not listed)."""
 
     name: str
     modified: datetime
@@ -68,5 +70,5 @@ class Storage(Protocol):
         ...
 
     def delete_orphans(self, names: Iterable[str]) -> DeleteResult:
-        """Delete leftover artifacts that have no manifest."""
+        """Delete (or abort) leftovers, named as in `Listing.orphans`."""
         ...

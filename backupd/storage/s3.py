@@ -6,7 +6,9 @@ Layout under the configured prefix (which ends with '/'):
     <prefix><id>.rdb[.zst][.age]   the artifact (`Manifest.artifact`)
 
 Only keys directly under the prefix (no further '/') whose name is a valid backup id followed by
-'.' are ours. Anything else in the bucket is never listed, opened or deleted.
+'.' are ours. Anything else in the bucket is never listed, opened or deleted. Incomplete multipart
+uploads of our keys (a process killed mid-upload) are orphans too, named
+"<name> (incomplete upload <first 12 characters of the upload id>)".
 
 Every botocore / boto3 error is turned into StorageError with a message for the operator that
 never contains the access key, the secret key or the userinfo of the endpoint URL.
@@ -19,6 +21,7 @@ import builtins
 import io
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -57,7 +60,11 @@ from backupd.storage.base import DeleteResult, Listing, Orphan
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-    from mypy_boto3_s3.type_defs import ObjectIdentifierTypeDef, ObjectTypeDef
+    from mypy_boto3_s3.type_defs import (
+        MultipartUploadTypeDef,
+        ObjectIdentifierTypeDef,
+        ObjectTypeDef,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +77,16 @@ MANIFEST_READERS = 8  # parallel manifest GETs in list()
 ID_LEN = 23  # len("YYYYMMDDTHHMMSSZ-xxxxxx")
 META_ID = "backupd-id"
 META_SHA256 = "backupd-sha256"
+UPLOAD_TOKEN = 12  # leading characters of an upload id that name its orphan
 
 _Failures = list[tuple[str, str, str]]  # (name, code, message); in S3Storage `list` is a method
 _Target = tuple[str, str | None]  # (name relative to the prefix, version id)
 LOCKED = "locked"
 _BOTO_ERRORS: tuple[type[BaseException], ...] = (BotoCoreError, ClientError, Boto3Error)
 _CHECKSUMS = {"sha256": "SHA256", "crc32": "CRC32", "none": ""}
+_TOKEN = re.compile(rf"[A-Za-z0-9._~+=/-]{{1,{UPLOAD_TOKEN}}}")  # an orphan's upload id start
+_UPLOADS_UNLISTED: set[str] = set()  # buckets whose uploads could not be listed (warned once)
+_UPLOAD_NAME = re.compile(rf"(?P<name>.+) \(incomplete upload (?P<token>{_TOKEN.pattern})\)")
 
 
 def part_size(size: int) -> int:
@@ -175,6 +186,32 @@ def _our_name(name: str) -> str | None:
         return None
     backup_id = name[:ID_LEN]
     return backup_id if mf.is_valid_id(backup_id) else None
+
+
+@dataclass(frozen=True)
+class _Upload:
+    """An incomplete multipart upload of one of our keys (`name` is the key without prefix)."""
+
+    name: str
+    upload_id: str
+    initiated: datetime
+
+    @property
+    def token(self) -> str:
+        return self.upload_id[:UPLOAD_TOKEN]
+
+    @property
+    def orphan_name(self) -> str:
+        return f"{self.name} (incomplete upload {self.token})"
+
+
+def _parse_upload_name(text: str) -> tuple[str, str] | None:
+    """(name, token) of an `_Upload.orphan_name` of ours, or None: such a name is never taken
+    for an object's, so that deleting an orphan cannot hit the wrong kind of thing."""
+    match = _UPLOAD_NAME.fullmatch(text)
+    if match is None or _our_name(match["name"]) is None:
+        return None
+    return match["name"], match["token"]
 
 
 class _Reader(io.RawIOBase):
@@ -339,6 +376,8 @@ class S3Storage:
         Keys of an id whose manifest exists but is broken are neither backups nor orphans, so
         that orphan cleanup never deletes the artifact of a backup it could not understand
         (e.g. a manifest written by a newer backupd).
+
+        Incomplete multipart uploads of our keys are orphans as well (see `_upload_orphans`).
         """
         keys = self._scan()
         by_id: dict[str, dict[str, _Key]] = {}
@@ -376,10 +415,58 @@ class S3Storage:
             for name, key in names.items():
                 if good is not None and name in (f"{backup_id}.json", good.artifact):
                     continue
+                if _parse_upload_name(name) is not None:
+                    continue  # an object named like an upload's orphan is never an orphan
                 listing.orphans.append(Orphan(name=name, modified=key.modified, size=key.size))
+        listing.orphans += self._upload_orphans()
         listing.manifests = sorted(loaded.values(), key=lambda m: m.id, reverse=True)
         listing.orphans.sort(key=lambda o: o.name)
         return listing
+
+    def _upload_orphans(self) -> builtins.list[Orphan]:
+        """Our incomplete multipart uploads as orphans (`modified` is when they started).
+        No orphans but a warning when they cannot be listed: s3:ListBucketMultipartUploads is
+        a permission of its own that older policies lack, and retention must work without it.
+        The listing stays complete: an upload is never a backup."""
+        try:
+            uploads = self._uploads()
+        except StorageError as exc:
+            # Once per bucket and process: a daemon would repeat it on every run.
+            level = logging.DEBUG if self.bucket in _UPLOADS_UNLISTED else logging.WARNING
+            _UPLOADS_UNLISTED.add(self.bucket)
+            log.log(level, "%s; incomplete uploads are not cleaned up (grant "
+                    "s3:ListBucketMultipartUploads or add an AbortIncompleteMultipartUpload "
+                    "lifecycle rule)", exc)
+            return []
+        return [Orphan(name=u.orphan_name, modified=u.initiated, size=0) for u in uploads]
+
+    def _uploads(self) -> builtins.list[_Upload]:
+        """Every incomplete multipart upload of ours directly under the prefix. Raises
+        StorageError if the listing fails part-way."""
+        uploads: builtins.list[_Upload] = []
+        try:
+            paginator = self.client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix,
+                                           Delimiter="/"):
+                for entry in page.get("Uploads", []):
+                    upload = self._our_upload(entry)
+                    if upload is not None:
+                        uploads.append(upload)
+        except _BOTO_ERRORS as exc:
+            raise self._error(f"cannot list incomplete multipart uploads in bucket "
+                              f"{self.bucket} prefix {self.prefix!r}", exc) from None
+        return uploads
+
+    def _our_upload(self, entry: MultipartUploadTypeDef) -> _Upload | None:
+        """The upload if its key is ours, and its id and age are known (the age rule of orphan
+        cleanup needs `Initiated`; an id needs a token that its orphan's name can carry)."""
+        key, upload_id = entry.get("Key", ""), entry.get("UploadId", "")
+        initiated = entry.get("Initiated")
+        name = key[len(self.prefix):]
+        if (not key.startswith(self.prefix) or _our_name(name) is None or initiated is None
+                or _TOKEN.fullmatch(upload_id[:UPLOAD_TOKEN]) is None):
+            return None
+        return _Upload(name, upload_id, initiated)
 
     def _load_manifest(self, backup_id: str, size: int) -> tuple[str, Manifest | None, str,
                                                                   bool]:
@@ -596,29 +683,74 @@ class S3Storage:
         return result
 
     def delete_orphans(self, names: Iterable[str]) -> DeleteResult:
-        """Delete leftover objects (names relative to the prefix, as in `Listing.orphans`).
-        A name whose id has a manifest now (the backup was committed since the listing) is
-        skipped and reported as failed; a manifest name is a UsageError."""
-        wanted = list(dict.fromkeys(names))
-        for name in wanted:
-            if _our_name(name) is None or name.endswith(".json"):
-                raise UsageError(f"{name[:80]!r} is not the name of an orphaned backup object")
+        """Delete leftover objects and abort incomplete multipart uploads (names relative to
+        the prefix, as in `Listing.orphans`). An object whose id has a manifest now (the backup
+        was committed since the listing) is skipped and reported as failed; a name that is
+        neither an orphan object nor an upload of ours (e.g. a manifest) is a UsageError,
+        raised before anything is deleted."""
+        objects: builtins.list[str] = []
+        uploads: dict[str, tuple[str, str]] = {}
+        for name in dict.fromkeys(names):
+            upload = _parse_upload_name(name)
+            if upload is not None:
+                uploads[name] = upload
+            elif _our_name(name) is None or name.endswith(".json"):
+                raise UsageError(f"{name[:80]!r} is not the name of an orphaned backup object "
+                                 "or incomplete upload")
+            else:
+                objects.append(name)
         result = DeleteResult()
-        if not wanted:
-            return result
+        self._delete_orphan_objects(objects, result)
+        self._abort_uploads(uploads, result)
+        return result
+
+    def _delete_orphan_objects(self, names: builtins.list[str], result: DeleteResult) -> None:
+        """Delete leftover objects, except those of a backup committed since the listing."""
+        if not names:
+            return
         committed = {k.backup_id for k in self._scan() if k.name == f"{k.backup_id}.json"}
         todo = set()
-        for name in wanted:
+        for name in names:
             if _our_name(name) in committed:
                 result.failed[name] = "its backup has a manifest: not an orphan"
             else:
                 todo.add(name)
         targets = [t for t in self._targets() if t[0] in todo]
         outcome = self._delete_targets(targets, by_name=True)
-        for name in wanted:
+        for name in names:
             if name in todo:
                 self._record(result, name, outcome.get(name))
-        return result
+
+    def _abort_uploads(self, wanted: dict[str, tuple[str, str]], result: DeleteResult) -> None:
+        """Abort the uploads named {orphan name: (name, token)}, found again by listing: the
+        name holds only the start of the upload id. One that is gone (completed or aborted
+        since) counts as deleted, as a deleted object does; one whose token matches several
+        uploads is left alone (some may be in flight)."""
+        if not wanted:
+            return
+        try:
+            current = self._uploads()
+        except StorageError as exc:
+            result.failed.update((orphan, str(exc)) for orphan in wanted)
+            return
+        for orphan, (name, token) in wanted.items():
+            matches = [u for u in current if u.name == name and u.token == token]
+            if len(matches) > 1:
+                result.failed[orphan] = "several uploads match this name: none was aborted"
+            else:
+                self._record(result, orphan, self._abort(matches[0]) if matches else None)
+
+    def _abort(self, upload: _Upload) -> str | None:
+        """Abort one upload; why it failed, or None (also when it is gone already)."""
+        key = self.prefix + upload.name
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key,
+                                               UploadId=upload.upload_id)
+        except ClientError as exc:
+            return None if _code(exc) == "NoSuchUpload" else self._reason(exc, key)
+        except _BOTO_ERRORS as exc:
+            return self._reason(exc, key)
+        return None
 
     @staticmethod
     def _record(result: DeleteResult, owner: str, state: str | None) -> None:
@@ -860,7 +992,8 @@ class StreamingUpload:
 
     def abort(self) -> None:
         """Stop streaming and abort the multipart upload if one is open (best effort: an
-        incomplete upload is invisible and S3 lifecycle rules expire it). Idempotent."""
+        incomplete upload is invisible; `prune --orphans` or a lifecycle rule aborts it
+        later). Idempotent."""
         with self._lock:
             self._stopped = True
         pool, self._pool = self._pool, None

@@ -1,9 +1,10 @@
 """A fault-injecting HTTP proxy for S3: sits between backupd (boto3) and moto's server.
 
 Each request is classified (`Request.op`: put-artifact, put-manifest, head, get, list, delete,
-delete-objects, multipart-create, multipart-part, multipart-complete, multipart-abort...) and
-matched against the armed faults in order. A fault applies to the matching requests after
-`skip` of them went through, `times` times (None: forever), with one of these actions:
+delete-objects, multipart-create, multipart-list, multipart-part, multipart-complete,
+multipart-abort...) and matched against the armed faults in order. A fault applies to the
+matching requests after `skip` of them went through, `times` times (None: forever), with one
+of these actions:
 
   500 / 503   answer with an S3 XML error (InternalError / SlowDown) without forwarding
   reset       read the request, then close the connection with a TCP RST (nothing forwarded)
@@ -58,7 +59,7 @@ class Request:
         if "delete" in q and m == "POST":
             return "delete-objects"
         if "uploads" in q:
-            return "multipart-create"
+            return "multipart-create" if m == "POST" else "multipart-list"
         if "uploadId" in q:
             return {"PUT": "multipart-part", "POST": "multipart-complete",
                     "DELETE": "multipart-abort"}.get(m, "multipart")
