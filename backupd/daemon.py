@@ -12,7 +12,8 @@ Shutdown (SIGTERM or SIGINT): no new runs start; a running backup gets `schedule
 to finish; then the process exits 0. If the grace expires, or a second signal arrives, it exits 0
 at once without waiting: the kernel releases the flock on the backup directory, and the backup
 commits its manifest last, so an abandoned backup is only `.<name>.tmp-XXXX` files that the next
-run removes (clean_leftovers); it never looks like a backup.
+run removes (clean_leftovers); it never looks like a backup. An S3 multipart upload it had open
+is aborted first (within ABANDON_ABORT_S), so that no incomplete upload is left to be billed.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ log = structlog.get_logger("backupd.daemon")
 BACKUP_JOB = "backup"
 DRILL_JOB = "drill"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+ABANDON_ABORT_S = 3.0  # at most this long aborting an open S3 upload before exiting
 
 
 def run_daemon(config: Config, metrics: Metrics = METRICS) -> None:
@@ -192,14 +194,24 @@ class Daemon:
                             "running job; the next run removes its temp files")
                 self.tracker.update(stopped_at=time.time(), running=False)
                 save_state(self.tracker)
-                _exit_now()
+                self._abandon()
             if any(self.waker.wait(remaining)):
                 log.warning("second_signal", action="exiting at once; the next run removes "
                             "temp files of the interrupted job")
-                _exit_now()
+                self._abandon()
         self.tracker.update(stopped_at=time.time(), running=False)
         save_state(self.tracker)
         log.info("daemon_stopped")
+
+    def _abandon(self) -> NoReturn:
+        """Exit without waiting for the running job; its multipart upload to S3, if one is
+        open, is aborted first (a few seconds at most), else it would stay, billed, until
+        `prune --orphans` or a lifecycle rule aborts it."""
+        if self.config.s3.enabled:
+            from backupd.storage.s3 import abort_open_uploads
+
+            abort_open_uploads(timeout=ABANDON_ABORT_S)
+        _exit_now()
 
     def _next_run(self) -> float | None:
         job = self.scheduler.get_job(BACKUP_JOB)

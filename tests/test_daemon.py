@@ -19,11 +19,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import boto3
 import filelock
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import PASSWORD, RedisServer, fill, free_port, run_cli, wait_until, write_config
+from tests.conftest import (
+    PASSWORD,
+    S3_ENV,
+    S3_KEY_ID,
+    S3_SECRET,
+    RedisServer,
+    fill,
+    free_port,
+    run_cli,
+    s3_section,
+    wait_until,
+    write_config,
+)
+from tests.faults.s3proxy import FaultProxy
 from tests.httpcapture import CaptureServer
 
 TOKEN = "tok-5ecret-hook-0a1b2c"
@@ -262,6 +276,32 @@ def test_grace_expiry_exits_0_without_waiting(redis_server: RedisServer,
     assert daemon.logged("shutdown_grace_expired")
     assert daemon.manifests() == []
     assert_nothing_half_written(daemon)
+
+
+def test_grace_expiry_aborts_the_open_s3_upload(
+        redis_server: RedisServer, start_daemon: Any, moto_endpoint: str, bucket: str,
+        proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backup whose streamed upload hangs when the grace expires: the process exits without
+    waiting, but first aborts the multipart upload, which would otherwise stay in the bucket,
+    invisible and billed."""
+    client = redis_server.client()
+    for i in range(12):  # incompressible: the artifact spans more than one part
+        client.set(f"blob:{i}", os.urandom(1 << 20))
+    for name, value in S3_ENV.items():
+        monkeypatch.setenv(name, value)
+    proxy.arm("stall", "multipart-part", times=None, stall=60)
+    daemon = start_daemon(redis_server, schedule='run_on_start = true\nshutdown_grace = "1s"',
+                          extra=s3_section(proxy.url, bucket))
+    wait_until(lambda: daemon.logged("backup_done") and "multipart-part" in proxy.ops(), 30,
+               "the local commit, with a part stuck on its way to S3")
+    code, took = daemon.signal_and_wait(signal.SIGTERM)
+    assert code == 0, daemon.output()
+    assert took < 8 and daemon.logged("shutdown_grace_expired")
+    assert "multipart-abort" in proxy.ops("forwarded")
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1",
+                      aws_access_key_id=S3_KEY_ID, aws_secret_access_key=S3_SECRET)
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert_no_secrets(daemon)
 
 
 def test_second_signal_exits_at_once(redis_server: RedisServer, start_daemon: Any) -> None:

@@ -920,6 +920,31 @@ class _Part:
     future: Future[dict[str, Any] | None]
 
 
+_OPEN: set[StreamingUpload] = set()  # streams whose multipart upload exists, not yet ended
+_OPEN_LOCK = threading.Lock()
+
+
+def abort_open_uploads(timeout: float) -> None:
+    """Abort every multipart upload still open in this process, waiting `timeout` seconds at
+    most: for a process about to exit without waiting for its backup (the shutdown grace
+    expired). Else the upload stays incomplete, and billed, until `prune --orphans` or a
+    lifecycle rule aborts it."""
+    with _OPEN_LOCK:
+        streams = list(_OPEN)
+    if not streams:
+        return
+    def abort_each() -> None:
+        for stream in streams:
+            stream.abort_upload()
+
+    aborting = threading.Thread(target=abort_each, name="s3-abort", daemon=True)
+    aborting.start()
+    aborting.join(timeout)
+    if aborting.is_alive():
+        log.warning("the incomplete multipart upload was not aborted within %.0f s; "
+                    "`backupd prune --orphans` aborts it after a day", timeout)
+
+
 class StreamingUpload:
     """A multipart upload fed from the artifact while pack() writes it (a pipeline.Follower).
 
@@ -1000,7 +1025,18 @@ class StreamingUpload:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
             self._wait(self._parts)  # in-flight parts end within their requests' timeouts
-        upload_id, self._upload_id = self._upload_id, None
+        self.abort_upload()
+        if self._fd >= 0 and all(p.future.done() for p in self._parts):
+            os.close(self._fd)  # not while a stuck part may still read it: no reused number
+            self._fd = -1
+
+    def abort_upload(self) -> None:
+        """Abort the multipart upload if one is open, without waiting for parts in flight
+        (S3 drops those); also called from another thread by `abort_open_uploads`."""
+        with self._lock:
+            upload_id, self._upload_id = self._upload_id, None
+            self._stopped = True
+        self._ended()
         if upload_id is not None:
             storage = self._storage
             try:
@@ -1009,11 +1045,12 @@ class StreamingUpload:
             except _BOTO_ERRORS as exc:
                 log.warning("could not abort the multipart upload of %s: %s", self._key,
                             storage._reason(exc, self._key))
-        if self._fd >= 0 and all(p.future.done() for p in self._parts):
-            os.close(self._fd)  # not while a stuck part may still read it: no reused number
-            self._fd = -1
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _ended(self) -> None:
+        with _OPEN_LOCK:
+            _OPEN.discard(self)
 
     def _submit(self, length: int) -> None:
         assert self._pool is not None
@@ -1039,6 +1076,8 @@ class StreamingUpload:
                 resp = storage.client.create_multipart_upload(
                     Bucket=storage.bucket, Key=self._key, **extra)
                 self._upload_id = resp["UploadId"]
+                with _OPEN_LOCK:
+                    _OPEN.add(self)
             return self._upload_id
 
     def _upload_part(self, number: int, start: int, length: int) -> dict[str, Any] | None:
@@ -1107,7 +1146,9 @@ class StreamingUpload:
                 MultipartUpload={"Parts": cast(Any, parts)})
         except _BOTO_ERRORS as exc:
             raise storage._error(action, exc, key) from None
-        self._upload_id = None  # completed: nothing left to abort
+        with self._lock:
+            self._upload_id = None  # completed: nothing left to abort
+        self._ended()
         storage._commit(key, size, manifest, action, single_part=False, streamed=True)
         log.debug("uploaded backup %s to s3 while packing (%d bytes, %d parts)", manifest.id,
                   size, len(parts))
