@@ -351,7 +351,7 @@ def health_cmd(state: State) -> None:
     sys.exit(0 if verdict.ok else EXIT_FAILED)
 
 
-# --- Restore (issue 4): `restore` and `verify --drill` (backupd/actions/restore.py) ---
+# --- Restore (issue 4): `restore` and `verify --drill` (backupd/actions/restore/) ---
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -379,19 +379,20 @@ def restore(state: State, backup_id: str, from_: str | None, before: str | None,
             start: bool, rollback: bool) -> None:
     """Replace Redis's data with a backup: verified, AOF-aware, with a safety copy."""
     from backupd.actions import restore as action
+    from backupd.actions.restore.options import Options, Ui
     from backupd.errors import UsageError
     from backupd.manifest import parse_time
 
     if rollback and (backup_id != "latest" or before or from_ or dry_run or identity_file):
         raise UsageError("--rollback takes no backup ID, --before, --from, --identity-file "
                          "or --dry-run")
-    opts = action.Options(selector=backup_id, source=from_,
-                          before=parse_time(before) if before else None,
-                          identity_file=identity_file, dry_run=dry_run, yes=yes,
-                          method=method, start=start)
-    ui = action.Ui(echo=click.echo,
-                   confirm=lambda text: click.confirm(text, default=False, err=True),
-                   interactive=sys.stdin.isatty(), progress=sys.stderr.isatty())
+    opts = Options(selector=backup_id, source=from_,
+                   before=parse_time(before) if before else None,
+                   identity_file=identity_file, dry_run=dry_run, yes=yes,
+                   method=method, start=start)
+    ui = Ui(echo=click.echo,
+            confirm=lambda text: click.confirm(text, default=False, err=True),
+            interactive=sys.stdin.isatty(), progress=sys.stderr.isatty())
     cfg = state.config()
     sys.exit(action.rollback(cfg, opts, ui) if rollback else action.restore(cfg, opts, ui))
 
@@ -401,7 +402,7 @@ def _verify_drill(state: State, backup_id: str, all_: bool, identity_file: str |
     """`verify --drill`: restore into a throwaway redis-server; exit 3 on a key mismatch,
     1 when the drill cannot run (e.g. redis-server older than the RDB)."""
     from backupd.actions.catalog import catalog, storages
-    from backupd.actions.restore import drill
+    from backupd.actions.restore.drill import drill
     from backupd.errors import UsageError
     from backupd.pipeline import load_identities
 

@@ -37,7 +37,7 @@ from backupd.notify import Notifier, RunReport
 
 log = structlog.get_logger("backupd.daemon")
 Cycle = Callable[..., CycleResult]
-DRILL_MODULE = "backupd.actions.restore"
+DRILL_MODULE = "backupd.actions.restore.drill"
 
 
 class DrillSkipped(Exception):
@@ -212,15 +212,17 @@ def drill_latest(config: Config) -> str:
     Returns the drill's message; raises on a failed drill.
     """
     try:
-        restore: Any = importlib.import_module(DRILL_MODULE)
+        module: Any = importlib.import_module(DRILL_MODULE)
     except ModuleNotFoundError as exc:
         if exc.name != DRILL_MODULE:
             raise
         raise DrillSkipped(f"{DRILL_MODULE} does not exist in this build") from None
-    drill = getattr(restore, "drill", None)
+    drill = getattr(module, "drill", None)
     if not callable(drill):
         raise DrillSkipped(f"{DRILL_MODULE}.drill does not exist in this build")
-    selected = restore.select_backup(config, "latest", None, None)
+    from backupd.actions.restore.staging import select_backup
+
+    selected = select_backup(config, "latest", None, None)
     manifest: Manifest = selected.manifest
     if manifest.encrypted:
         raise DrillSkipped(f"backup {manifest.id} is encrypted and the daemon has no age "

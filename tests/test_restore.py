@@ -589,7 +589,7 @@ def test_shutdown_refused_rolls_back_while_running(tmp_path: Path,
     (False, 101, False), (False, -323, False)])
 def test_key_check_tolerates_only_drift_of_approximate_counts(exact: bool, off_by: int,
                                                               ok: bool) -> None:
-    from backupd.actions.restore import check_loaded
+    from backupd.actions.restore.swap import check_loaded
 
     info = {"rdb_last_load_keys_loaded": 320, "rdb_last_load_keys_expired": 3,
             "db0": {"keys": 320}}

@@ -40,7 +40,7 @@ def run_cycle(config: Config, *, trigger: str = "manual", tag: str = "", prune: 
     the upload failed: the local backup exists then)."""
     local = LocalStorage(Path(config.backup.dir))
     with backup_lock(local.dir):
-        from backupd.actions.restore import report_interrupted
+        from backupd.actions.restore.leftovers import report_interrupted
 
         report_interrupted(config)  # a killed restore is reported on every run until resolved
         remote = None

@@ -1,0 +1,254 @@
+"""The Redis side of a restore: the connection, and what the target server is (version,
+files, AOF, key count), found out before anything stops (step 2)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+import structlog
+
+from backupd import source
+from backupd.config import RedisConfig
+from backupd.controllers.base import Controller, poll_until
+from backupd.errors import (
+    BackupdError,
+    IntegrityError,
+    RedisUnavailable,
+    RestoreError,
+)
+from backupd.manifest import Manifest
+from backupd.rdb import HEADER_SIZE, max_rdb_version, parse_header
+
+log = structlog.get_logger("backupd.restore")
+
+
+log = structlog.get_logger("backupd.restore")
+
+AOF_MANIFEST_SUFFIX = ".manifest"
+
+# The first Redis release that writes each RDB version (for messages), from rdb.max_rdb_version.
+_RELEASES = ("2.6", "3.2", "4.0", "5.0", "7.0", "7.2", "7.4", "8.6")
+
+
+class RedisLink:
+    """Fresh connections to the target: Redis goes away and comes back during a restore."""
+
+    def __init__(self, cfg: RedisConfig, env: Mapping[str, str] | None = None) -> None:
+        self.cfg = cfg
+        self.env = env
+
+    @property
+    def where(self) -> str:
+        return f"{self.cfg.host}:{self.cfg.port}"
+
+    def connect(self) -> redis.Redis:
+        return source.connect(self.cfg, self.env)
+
+    def errors(self) -> contextlib.AbstractContextManager[None]:
+        return source.redis_errors(self.cfg, True)
+
+    def answers(self) -> bool:
+        """True while anything answers on the port (also -LOADING or an auth error)."""
+        try:
+            client = self.connect()
+        except RedisUnavailable as exc:
+            return "loading" in str(exc).lower()
+        except BackupdError:
+            return True
+        client.close()
+        return True
+
+    def ready_info(self) -> dict[str, Any] | None:
+        """INFO of a server that answers and has finished loading, else None."""
+        try:
+            client = self.connect()
+        except RedisUnavailable:
+            return None
+        try:
+            with self.errors():
+                info: dict[str, Any] = client.info("everything")
+        except RedisUnavailable:
+            return None
+        finally:
+            client.close()
+        return None if int(info.get("loading", 0)) else info
+
+
+def wait_ready(link: RedisLink, not_run_id: str, timeout: float) -> dict[str, Any]:
+    """Wait for PING, loading:0 and a run_id other than `not_run_id` (a restarted server)."""
+    seen: dict[str, Any] = {}
+
+    def ready() -> bool:
+        info = link.ready_info()
+        if info is None or (not_run_id and info.get("run_id") == not_run_id):
+            return False
+        seen.update(info)
+        return True
+
+    poll_until(ready, timeout, f"Redis at {link.where} to answer with its data loaded "
+                               "(restore.start_timeout)")
+    return seen
+
+
+# -- step 2: the target -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the server said in step 2, or what its files say when it is down."""
+
+    answers: bool
+    running: bool
+    version: str
+    run_id: str
+    keys: int | None
+    aof: bool
+    dbfilename: str
+    aof_dir: str
+    aof_file: str
+    role: str = "master"
+    cluster: bool = False
+    used_memory: int = 0
+
+    @property
+    def entries(self) -> list[str]:
+        """The top-level names in data_dir that a restore replaces."""
+        return [self.dbfilename, self.aof_dir] if self.aof else [self.dbfilename]
+
+
+def inspect_target(link: RedisLink, controller: Controller, data_dir: Path) -> Target:
+    running = controller.is_running()
+    try:
+        client = link.connect()
+    except RedisUnavailable as exc:
+        log.warning("redis_not_answering", where=link.where, error=str(exc))
+        return _target_from_files(data_dir, bool(running))
+    try:
+        with link.errors():
+            return _target_from_server(client, link.cfg)
+    finally:
+        client.close()
+
+
+def _target_from_server(client: redis.Redis, cfg: RedisConfig) -> Target:
+    info = source.server_info(client, cfg)
+    conf = {key: config_get(client, key) for key in
+            ("appendonly", "appenddirname", "appendfilename", "dbfilename")}
+    aof = conf["appendonly"] == "yes"
+    if aof and not conf["appenddirname"]:
+        raise RestoreError(f"Redis {info.facts.version} uses a single-file AOF (Redis < 7.0); "
+                           "backupd restores the Redis 7 multi-part AOF only")
+    raw = info.persistence
+    return Target(
+        answers=True, running=True, version=info.facts.version, run_id=info.facts.run_id,
+        keys=info.keys, aof=aof, dbfilename=safe_name(conf["dbfilename"] or "dump.rdb"),
+        aof_dir=safe_name(conf["appenddirname"] or "appendonlydir"),
+        aof_file=safe_name(conf["appendfilename"] or "appendonly.aof"),
+        role=info.facts.role, cluster=bool(int(raw.get("cluster_enabled", 0))),
+        used_memory=int(raw.get("used_memory_dataset", 0)),
+    )
+
+
+def config_get(client: redis.Redis, key: str) -> str:
+    try:
+        return str(client.config_get(key).get(key, ""))
+    except redis.exceptions.NoPermissionError:
+        raise RestoreError(f"the Redis user cannot run CONFIG GET {key}: a restore needs "
+                           "+config|get +config|set +info +ping +bgsave "
+                           "(+shutdown for the shutdown method)") from None
+
+
+def _target_from_files(data_dir: Path, running: bool) -> Target:
+    """Redis is down: take the file names from what is on disk (defaults otherwise)."""
+    aof_dir, aof_file = _find_aof_layout(data_dir)
+    rdbs = sorted(p.name for p in scan_dir(data_dir) if p.is_file() and p.suffix == ".rdb")
+    dbfilename = rdbs[0] if len(rdbs) == 1 else "dump.rdb"
+    return Target(answers=False, running=running, version="", run_id="", keys=None,
+                  aof=aof_dir is not None, dbfilename=dbfilename,
+                  aof_dir=aof_dir or "appendonlydir", aof_file=aof_file or "appendonly.aof")
+
+
+def _find_aof_layout(data_dir: Path) -> tuple[str | None, str | None]:
+    for sub in scan_dir(data_dir):
+        if sub.is_dir() and not sub.name.startswith(".backupd-"):
+            manifests = [p.name for p in scan_dir(sub) if p.name.endswith(AOF_MANIFEST_SUFFIX)]
+            if len(manifests) == 1:
+                return sub.name, manifests[0][: -len(AOF_MANIFEST_SUFFIX)]
+    return None, None
+
+
+def scan_dir(path: Path) -> list[Path]:
+    try:
+        return sorted(path.iterdir())
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise RestoreError(f"cannot list {path}: {exc.strerror}") from None
+
+
+def safe_name(name: str) -> str:
+    if not name or "/" in name or name in (".", "..") or name.startswith(".backupd-"):
+        raise RestoreError(f"Redis reports an unusable file name {name!r}")
+    return name
+
+
+def check_target(target: Target) -> None:
+    """Targets where a restart loses the restore: refuse rather than pretend."""
+    if target.role and target.role != "master":
+        raise RestoreError("the target Redis is a replica: after a restart it resyncs from its "
+                           "master and the restore is lost; restore the master instead")
+    if target.cluster:
+        raise RestoreError("the target Redis runs in cluster mode, which backupd does not "
+                           "restore (a shard file on the wrong node loses keys silently)")
+
+
+def check_version(manifest: Manifest, rdb_version: int, target: Target,
+                  controller: Controller, data_dir: Path) -> str:
+    """Refuse an RDB the server cannot load (it would exit, or crash-loop under a restart
+    policy); returns the server version used for the check, or a note when inferred."""
+    version = target.version or controller.server_version() or ""
+    if version:
+        can_load = max_rdb_version(version)
+        if can_load < rdb_version:
+            raise RestoreError(
+                f"backup {manifest.id} is RDB version {rdb_version} (written by "
+                f"{rdb_writer(rdb_version)}, Redis {manifest.redis.version or '?'}); the target "
+                f"runs Redis {version}, which loads RDB versions up to {can_load}. Nothing was "
+                "stopped or changed. Upgrade the target or restore an older backup.")
+        return f"Redis {version} (loads RDB <= {can_load})"
+    on_disk = _on_disk_rdb_version(data_dir, target)
+    if on_disk is None or on_disk < rdb_version:
+        raise RestoreError(
+            f"Redis is not running, so its version cannot be checked, and the files in "
+            f"{data_dir} do not show that it can load RDB version {rdb_version} (backup "
+            f"{manifest.id}, {rdb_writer(rdb_version)}). Start Redis and run the restore again.")
+    return f"unknown (Redis down; its files are RDB version {on_disk})"
+
+
+def rdb_writer(rdb_version: int) -> str:
+    if rdb_version >= 80:
+        return "Valkey 9.0 or newer"
+    for release in _RELEASES:
+        if max_rdb_version(release) >= rdb_version:
+            return f"Redis {release} or newer"
+    return "an unknown Redis"
+
+
+def _on_disk_rdb_version(data_dir: Path, target: Target) -> int | None:
+    """The newest RDB version among Redis's own files: a lower bound of what it can load."""
+    paths = [data_dir / target.dbfilename]
+    if target.aof:
+        paths += [p for p in scan_dir(data_dir / target.aof_dir) if p.name.endswith(".base.rdb")]
+    versions = []
+    for path in paths:
+        try:
+            with open(path, "rb") as fh:
+                versions.append(parse_header(fh.read(HEADER_SIZE)))
+        except (OSError, IntegrityError):
+            continue
+    return max(versions) if versions else None
