@@ -201,6 +201,16 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": S3_KEY_ID, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
           "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+@pytest.fixture
+def no_aws_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No AWS profile, endpoint override, session token or config file of this machine leaks
+    into a test: credentials come from the test alone."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """A real S3 HTTP endpoint (moto) on 127.0.0.1 for end-to-end tests of the CLI."""

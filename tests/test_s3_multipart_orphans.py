@@ -44,11 +44,7 @@ LIST_UPLOADS = "before-call.s3.ListMultipartUploads"
 
 
 @pytest.fixture
-def store(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Storage]:
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+def store(no_aws_config: None) -> Iterator[S3Storage]:
     with mock_aws():
         storage = storage_for()
         storage.client.create_bucket(Bucket=BUCKET)

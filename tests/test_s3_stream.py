@@ -63,11 +63,7 @@ SIZE = 2 * MIN_PART_SIZE + 3 * MiB  # two full parts and a tail
 
 
 @pytest.fixture
-def store(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Storage]:
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+def store(no_aws_config: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Storage]:
     monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0.0)
     with mock_aws():
         cfg = S3Config(bucket=BUCKET, prefix=PREFIX, region="us-east-1", max_attempts=2)
