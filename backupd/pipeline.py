@@ -447,24 +447,22 @@ class PackResult:
 
 
 def compress_reader(source: Readable, compression: str, level: int,
-                    raw: Counter | None = None,
-                    settle: Callable[[], None] | None = None) -> Readable:
+                    raw_digest: Callable[[], Digest] | None = None) -> Readable:
     """`source` compressed, as a reader. zstd writes independent frames of FRAME_SIZE input
     bytes, compressed by two threads (backupd/zstd_frames.py): a restore decompresses them on
-    both cores; the file is still one standard .zst. With `raw` (the Counter that sees the
-    source), its final size and SHA-256 end the artifact (_RecordedDigest)."""
+    both cores; the file is still one standard .zst. With `raw_digest` (the source's digest,
+    asked for once the source has ended), its size and SHA-256 end the artifact
+    (_RecordedDigest)."""
     if compression == "zstd":
         workers = 2 if (os.cpu_count() or 1) > 1 else 1
 
         def trailer() -> tuple[int, bytes]:
-            assert raw is not None
-            if settle is not None:
-                settle()
-            digest = raw.digest()
+            assert raw_digest is not None
+            digest = raw_digest()
             return digest.size, bytes.fromhex(digest.sha256)
 
         return FramedCompressor(source, level, workers=workers,
-                                trailer=trailer if raw is not None else None)
+                                trailer=trailer if raw_digest is not None else None)
     if compression == "gzip":
         return _ZlibReader(source, level)
     return source
@@ -497,8 +495,13 @@ def pack(source: Readable, dest: Path, *, compression: str, level: int,
                 # holds the GIL (in pyrage, in Python); 1 GB, zstd-3: 3.3 -> 3.2 s, with age
                 # 3.9 -> 3.7 s. The header is checked here too: not an RDB stops at once.
                 with _Stage(_fan_out(raw, checker.update)) as check:
+
+                    def raw_digest() -> Digest:
+                        check.close()  # the stage has hashed every byte read
+                        return raw.digest()
+
                     reader = compress_reader(ObservedReader(source, HeaderCheck(), check),
-                                             compression, level, raw, settle=check.close)
+                                             compression, level, raw_digest)
                     writer = ObservedWriter(sink, stored)
                     if recipients:
                         keys = [pyrage.x25519.Recipient.from_str(r) for r in recipients]

@@ -737,15 +737,17 @@ class S3Storage:
             matches = [u for u in current if u.name == name and u.token == token]
             if len(matches) > 1:
                 result.failed[orphan] = "several uploads match this name: none was aborted"
+            elif not matches:
+                self._record(result, orphan, None)  # gone since the listing: as if aborted
             else:
-                self._record(result, orphan, self._abort(matches[0]) if matches else None)
+                self._record(result, orphan, self._abort(self.prefix + name,
+                                                         matches[0].upload_id))
 
-    def _abort(self, upload: _Upload) -> str | None:
-        """Abort one upload; why it failed, or None (also when it is gone already)."""
-        key = self.prefix + upload.name
+    def _abort(self, key: str, upload_id: str) -> str | None:
+        """Abort one multipart upload; why it failed, or None (also when it is gone
+        already)."""
         try:
-            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key,
-                                               UploadId=upload.upload_id)
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         except ClientError as exc:
             return None if _code(exc) == "NoSuchUpload" else self._reason(exc, key)
         except _BOTO_ERRORS as exc:
@@ -1037,14 +1039,9 @@ class StreamingUpload:
             upload_id, self._upload_id = self._upload_id, None
             self._stopped = True
         self._ended()
-        if upload_id is not None:
-            storage = self._storage
-            try:
-                storage.client.abort_multipart_upload(Bucket=storage.bucket, Key=self._key,
-                                                      UploadId=upload_id)
-            except _BOTO_ERRORS as exc:
-                log.warning("could not abort the multipart upload of %s: %s", self._key,
-                            storage._reason(exc, self._key))
+        problem = None if upload_id is None else self._storage._abort(self._key, upload_id)
+        if problem is not None:
+            log.warning("could not abort the multipart upload of %s: %s", self._key, problem)
 
     # -- internals ---------------------------------------------------------------------------
 
