@@ -201,6 +201,25 @@ def unreachable(**_: Any) -> Any:
     raise EndpointConnectionError(endpoint_url=f"http://{KEY_ID}:{SECRET}@s3.example.com")
 
 
+def test_a_refused_abort_is_reported_and_an_upload_gone_meanwhile_counts_as_aborted(
+        store: S3Storage) -> None:
+    kept = f"{mf.new_id(T0)}.rdb.zst"
+    refused = start_upload(store.client, PREFIX + kept)
+    gone = f"{mf.new_id(T0 + timedelta(hours=1))}.rdb.zst"
+    finished = start_upload(store.client, PREFIX + gone)
+    names = [o.name for o in store.list().orphans]
+    assert names == [orphan_name(kept, refused), orphan_name(gone, finished)]
+    store.client.abort_multipart_upload(Bucket=BUCKET, Key=PREFIX + gone, UploadId=finished)
+    on(store, "before-call.s3.AbortMultipartUpload", denied)
+
+    result = store.delete_orphans(names)
+    assert result.deleted == [orphan_name(gone, finished)]
+    reason = result.failed[orphan_name(kept, refused)]
+    assert "AccessDenied" in reason or "denied" in reason.lower(), reason
+    assert KEY_ID not in reason and SECRET not in reason
+    assert list(in_progress(store.client)) == [refused]  # still there, and said so
+
+
 @pytest.mark.parametrize("fault", [denied, not_implemented, unreachable])
 def test_uploads_that_cannot_be_listed_leave_retention_as_before(
         store: S3Storage, tmp_path: Path, caplog: pytest.LogCaptureFixture,
