@@ -1,18 +1,26 @@
 # `make test` does everything on a fresh Debian machine: venv, package + test extras,
-# redis-server (apt-get, when missing), then ruff, mypy, hadolint and pytest. Container tests
-# run when podman is set up (scripts/podman-setup.sh, as .ci/run does) and skip otherwise.
+# redis-server (apt-get, when missing), the server matrix's Redis 8.2 and Valkey 8.1 (fetched
+# once into $(SERVERS); a failed fetch fails the run), then ruff, mypy, hadolint and pytest.
+# Container tests run when podman is set up (scripts/podman-setup.sh, as .ci/run does) and
+# skip otherwise.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+SERVERS ?= $(abspath $(VENV))/servers
 PYTEST_ARGS ?=
+# The matrix tests refuse to run on fewer servers than the matrix has (tests/conftest.py).
+export BACKUPD_TEST_SERVERS := $(SERVERS)
 
-.PHONY: test test-slow test-container lint deps redis bench clean
+.PHONY: test test-slow test-container lint deps redis servers bench clean
 
-test: deps redis lint
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+test: deps redis servers lint
+	BACKUPD_REQUIRE_MATRIX=1 $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-slow: deps redis
+test-slow: deps redis servers
 	$(BIN)/python -m pytest -q -m "slow" $(PYTEST_ARGS)
+
+servers: deps
+	sh scripts/fetch-servers.sh $(SERVERS) $(BIN)/python
 
 test-container: deps redis
 	bash scripts/podman-setup.sh

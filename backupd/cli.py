@@ -197,11 +197,11 @@ def list_cmd(state: State, as_json: bool, location: str) -> None:
     if as_json:
         click.echo(json.dumps([e.as_json() for e in found.entries], indent=2))
         return
-    rows = [("ID", "CREATED", "KEYS", "RAW", "STORED", "RDB", "REDIS", "LOCATIONS", "UPLOAD")]
+    rows = [("ID", "CREATED", "KEYS", "RAW", "STORED", "RDB", "SERVER", "LOCATIONS", "UPLOAD")]
     for entry in found.entries:
         m = entry.manifest
         rows.append((m.id, m.created_at, str(m.keys), _size(m.raw_size), _size(m.stored_size),
-                     str(m.rdb_version), m.redis.version, ",".join(entry.locations),
+                     str(m.rdb_version), m.redis.identity.label, ",".join(entry.locations),
                      m.upload + (" !" if m.warnings else "")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from backupd import servers
 from backupd.errors import IntegrityError, UsageError
 
 FORMAT_VERSION = 1
@@ -63,12 +64,17 @@ def parse_time(text: str) -> datetime:
 
 @dataclass(frozen=True)
 class RedisFacts:
-    version: str = ""
+    version: str = ""  # the real version (Valkey's valkey_version, not its redis_version)
     host: str = ""
     port: int = 0
     role: str = ""
     run_id: str = ""
     aof_enabled: bool = False
+    server: str = servers.REDIS  # "redis" or "valkey"; manifests before it are all "redis"
+
+    @property
+    def identity(self) -> servers.ServerId:
+        return servers.ServerId(self.server, self.version)
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 }
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _FACT_TYPES: dict[str, type] = {"version": str, "host": str, "port": int, "role": str,
-                                "run_id": str, "aof_enabled": bool}
+                                "run_id": str, "aof_enabled": bool, "server": str}
 
 
 def parse(data: bytes, expected_id: str | None = None) -> Manifest:
@@ -175,6 +181,8 @@ def parse(data: bytes, expected_id: str | None = None) -> Manifest:
     if not all(isinstance(v, _FACT_TYPES[k]) and (k == "aof_enabled" or not isinstance(v, bool))
                for k, v in known.items()):
         raise IntegrityError(f"{where}: field 'redis' is malformed")
+    if known.get("server", servers.REDIS) not in servers.KINDS:
+        raise IntegrityError(f"{where}: field 'redis.server' is not one of {servers.KINDS}")
     facts = RedisFacts(**known)
     keys_per_db = raw.get("keys_per_db", {})
     if not isinstance(keys_per_db, dict) or not all(

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 import anycrc
 
+from backupd import servers
 from backupd.errors import IntegrityError
 
 _HEADER_RE = re.compile(rb"^(REDIS(\d{4})|VALKEY(\d{3}))")
 HEADER_SIZE = 9
+WRITER_HEAD = 512  # the AUX fields naming the writer come first, within a few dozen bytes
 TRAILER_SIZE = 8
 EOF_OPCODE = 0xFF
 CHECKSUM_OK = "ok"
@@ -27,6 +29,7 @@ class RdbInfo:
     version: int
     checksum: str  # "ok" or "disabled" (rdbchecksum no writes a zero trailer)
     size: int
+    writer: servers.ServerId | None = None  # from the magic and the AUX fields; None: unknown
 
 
 def parse_header(head: bytes) -> int:
@@ -59,6 +62,7 @@ class RdbChecker:
         self._model = anycrc.Model("CRC64-REDIS")
         self._crc = 0
         self._header = HeaderCheck()
+        self._head = b""  # the first WRITER_HEAD bytes, for writer_of()
         self._tail = b""  # the last 8 bytes seen: not part of the CRC if they end the file
         self._before_tail = -1  # the byte before them: must be the EOF opcode
         self.size = 0
@@ -68,6 +72,8 @@ class RdbChecker:
             return
         self.size += len(chunk)
         self._header(chunk)  # not an RDB: say so now, not after the whole file
+        if len(self._head) < WRITER_HEAD:
+            self._head += bytes(chunk[: WRITER_HEAD - len(self._head)])
         if len(chunk) >= TRAILER_SIZE:
             if self._tail:
                 self._crc = self._model.calc(self._tail, init=self._crc)
@@ -97,27 +103,13 @@ class RdbChecker:
         stored = int.from_bytes(self._tail, "little")
         if stored == 0:
             # rdbchecksum no: no CRC to compare; the structure check is all there is.
-            return RdbInfo(version, CHECKSUM_DISABLED, self.size)
+            return RdbInfo(version, CHECKSUM_DISABLED, self.size, writer_of(self._head))
         if stored != self._crc:
             raise IntegrityError(
                 f"RDB CRC64 mismatch (stored {stored:016x}, computed {self._crc:016x}): "
                 "the file is corrupt or truncated"
             )
-        return RdbInfo(version, CHECKSUM_OK, self.size)
-
-
-def max_rdb_version(redis_version: str) -> int:
-    """The newest RDB version a server of this version can load (from the Redis sources)."""
-    try:
-        major, minor = (int(part) for part in redis_version.split(".")[:2])
-    except ValueError:
-        return 0
-    table = [((8, 6), 13), ((7, 4), 12), ((7, 2), 11), ((7, 0), 10), ((5, 0), 9),
-             ((4, 0), 8), ((3, 2), 7), ((2, 6), 6)]
-    for (want_major, want_minor), rdb_version in table:
-        if (major, minor) >= (want_major, want_minor):
-            return rdb_version
-    return 5
+        return RdbInfo(version, CHECKSUM_OK, self.size, writer_of(self._head))
 
 
 @dataclass(frozen=True)
@@ -162,17 +154,29 @@ class _Head:
         return value, False
 
     def skip_string(self) -> None:
+        self.string()
+
+    def string(self) -> bytes | None:
+        """A string's bytes; an integer-encoded one as its digits; None for LZF (skipped)."""
         value, special = self.length()
+        start = self.pos
         if special:
             if value == 3:  # LZF: compressed length, then the uncompressed length
                 compressed, _ = self.length()
                 self.length()
-                value = compressed
-            else:
-                value = {0: 1, 1: 2, 2: 4}[value]
+                self.pos += compressed
+                if self.pos > len(self.data):
+                    raise IndexError
+                return None
+            size = {0: 1, 1: 2, 2: 4}[value]
+            self.pos += size
+            if self.pos > len(self.data):
+                raise IndexError
+            return str(int.from_bytes(self.data[start:self.pos], "little", signed=True)).encode()
         self.pos += value
         if self.pos > len(self.data):
             raise IndexError
+        return self.data[start:self.pos]
 
 
 def first_db_size(head: bytes) -> DbSize | None:
@@ -204,3 +208,26 @@ def first_db_size(head: bytes) -> DbSize | None:
                 return None
     except (IndexError, ValueError, KeyError):
         return None
+
+
+def writer_of(head: bytes) -> servers.ServerId | None:
+    """Which server wrote the RDB: the `VALKEY` magic or a `valkey-ver` AUX field means Valkey,
+    a `redis-ver` one Redis (with the version it names); None when the head does not tell."""
+    if len(head) < HEADER_SIZE or not _HEADER_RE.match(head[:HEADER_SIZE]):
+        return None
+    kind = servers.VALKEY if head.startswith(b"VALKEY") else ""
+    fields: dict[bytes, bytes] = {}
+    cursor = _Head(head)
+    try:
+        while cursor.byte() == _OP_AUX:
+            key, value = cursor.string(), cursor.string()
+            if key is not None and value is not None:
+                fields[key] = value
+    except (IndexError, ValueError, KeyError):
+        pass  # a head cut short: what was read still counts
+    if b"valkey-ver" in fields:
+        return servers.ServerId(servers.VALKEY, fields[b"valkey-ver"].decode("ascii", "replace"))
+    if b"redis-ver" in fields:
+        return servers.ServerId(kind or servers.REDIS,
+                                fields[b"redis-ver"].decode("ascii", "replace"))
+    return servers.ServerId(kind, "") if kind else None

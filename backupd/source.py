@@ -30,6 +30,7 @@ import structlog
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from backupd import servers
 from backupd.config import RedisConfig, redis_password
 from backupd.errors import (
     ConfigError,
@@ -106,10 +107,11 @@ def server_info(client: redis.Redis, cfg: RedisConfig) -> ServerInfo:
     info: dict[str, Any] = client.info("everything")
     keys = {db: int(stats.get("keys", 0)) for db, stats in info.items()
             if db.startswith("db") and db[2:].isdigit() and isinstance(stats, dict)}
+    identity = servers.from_info(info)
     facts = RedisFacts(
-        version=str(info.get("redis_version", "")), host=cfg.host, port=cfg.port,
+        version=identity.version, host=cfg.host, port=cfg.port,
         role=str(info.get("role", "")), run_id=str(info.get("run_id", "")),
-        aof_enabled=bool(int(info.get("aof_enabled", 0))),
+        aof_enabled=bool(int(info.get("aof_enabled", 0))), server=identity.kind,
     )
     return ServerInfo(facts, keys, info)
 

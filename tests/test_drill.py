@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import RedisServer, last_line, run_cli
+import pytest
+
+from tests.conftest import RedisServer, Server, last_line, run_cli
 from tests.test_restore import forge_backup, rdb_with_version
 
 
@@ -15,12 +17,15 @@ def backup(config: Path) -> str:
     return last_line(proc.stdout)
 
 
-def test_drill_loads_the_backup(setup: tuple[Path, RedisServer, Path]) -> None:
+@pytest.mark.matrix
+def test_drill_loads_the_backup(setup: tuple[Path, RedisServer, Path],
+                                server_under_test: Server) -> None:
     config, _, backups = setup
     backup_id = backup(config)
     proc = run_cli("-c", str(config), "verify", "--drill")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith(f"ok       {backup_id} [local] drill ok: redis-server 7.")
+    assert proc.stdout.startswith(
+        f"ok       {backup_id} [local] drill ok: {server_under_test.label} loaded")
     assert "loaded 1001 keys" in proc.stdout and "manifest says 1001" in proc.stdout
     assert not [p for p in backups.iterdir() if p.name.startswith(".backupd-drill-")]
 

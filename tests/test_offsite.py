@@ -56,6 +56,7 @@ def offsite(tmp_path: Path, redis_server: RedisServer, moto_endpoint: str,
     return config, backups, bucket
 
 
+@pytest.mark.matrix
 def test_backup_is_uploaded_with_its_manifest(offsite: tuple[Path, Path, str],
                                               moto_endpoint: str) -> None:
     config, backups, bucket = offsite

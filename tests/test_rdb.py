@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backupd.errors import IntegrityError
-from backupd.rdb import RdbChecker, max_rdb_version, parse_header
+from backupd.rdb import RdbChecker, parse_header
 from tests.conftest import RedisServer, fill
 
 
@@ -76,10 +76,3 @@ def test_headers() -> None:
     for bad in (b"", b"REDIS", b"RDB0010xx", b"\x28\xb5\x2f\xfdxxxxx"):
         with pytest.raises(IntegrityError):
             parse_header(bad)
-
-
-@pytest.mark.parametrize(("version", "rdb"), [("7.0.15", 10), ("7.2.6", 11), ("7.4.1", 12),
-                                              ("8.0.2", 12), ("8.6.0", 13), ("6.2.14", 9),
-                                              ("garbage", 0)])
-def test_max_rdb_version(version: str, rdb: int) -> None:
-    assert max_rdb_version(version) == rdb

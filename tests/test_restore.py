@@ -33,7 +33,9 @@ from backupd import pipeline
 from backupd.errors import RestoreError
 from tests.conftest import (
     PASSWORD,
+    REDIS_SERVER,
     RedisServer,
+    Server,
     fill,
     free_port,
     last_line,
@@ -139,11 +141,12 @@ def _dir_for_user(base: Path, name: str, user: str | None) -> tuple[Path, Path |
 
 
 @contextlib.contextmanager
-def running_service(tmp_path: Path, stop_timeout: float = 30) -> Iterator[Service]:
+def running_service(tmp_path: Path, stop_timeout: float = 30,
+                    binary: str = REDIS_SERVER) -> Iterator[Service]:
     """One plain Redis service on tmp_path/data, stopped with its stop command afterwards."""
     data = tmp_path / "data"
     data.mkdir()
-    svc = Service(RedisServer(data, free_port(), PASSWORD, []))
+    svc = Service(RedisServer(data, free_port(), PASSWORD, [], binary=binary))
     svc.start()
     try:
         yield svc
@@ -152,13 +155,14 @@ def running_service(tmp_path: Path, stop_timeout: float = 30) -> Iterator[Servic
 
 
 @pytest.fixture
-def services(tmp_path: Path) -> Iterator[Callable[..., Service]]:
+def services(tmp_path: Path, server_under_test: Server) -> Iterator[Callable[..., Service]]:
     made: list[Service] = []
 
     def make(*options: str, name: str = "data", user: str | None = None,
-             supervised: str | None = None) -> Service:
+             supervised: str | None = None, binary: str | None = None) -> Service:
         data, outer = _dir_for_user(tmp_path, name, user)
-        service = Service(RedisServer(data, free_port(), PASSWORD, list(options), user))
+        service = Service(RedisServer(data, free_port(), PASSWORD, list(options), user,
+                                      binary=binary or server_under_test.binary))
         if outer is not None:
             service.extra_cleanup.append(outer)
         made.append(service)
@@ -251,6 +255,7 @@ def svc_setup(tmp_path: Path, services: Callable[..., Service]) -> tuple[Service
 # -- the command method --------------------------------------------------------------------------
 
 
+@pytest.mark.matrix
 def test_restore_rdb_server(svc_setup: tuple[Service, Path, Path]) -> None:
     service, config, backups = svc_setup
     expected = contents(service)
@@ -302,6 +307,7 @@ def test_restore_onto_a_server_with_other_data(tmp_path: Path,
     assert contents(target) == expected
 
 
+@pytest.mark.matrix
 def test_restore_aof_server_survives_restarts(tmp_path: Path,
                                               services: Callable[..., Service]) -> None:
     service = services("--appendonly", "yes", user="redis")
@@ -522,6 +528,7 @@ def test_server_down_left_stopped_unless_start(svc_setup: tuple[Service, Path, P
 # -- the shutdown method ---------------------------------------------------------------------
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("aof", ["no", "yes"])
 def test_shutdown_method_with_a_restart_policy(tmp_path: Path, services: Callable[..., Service],
                                                aof: str) -> None:

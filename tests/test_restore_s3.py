@@ -15,6 +15,7 @@ from tests.conftest import (
     PASSWORD,
     S3_ENV,
     S3_SECRET,
+    Server,
     last_line,
     run_cli,
     s3_section,
@@ -24,8 +25,8 @@ from tests.test_restore import Service, contents, populate, rewrite, running_ser
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> Iterator[Service]:
-    with running_service(tmp_path, stop_timeout=30) as svc:
+def service(tmp_path: Path, server_under_test: Server) -> Iterator[Service]:
+    with running_service(tmp_path, stop_timeout=30, binary=server_under_test.binary) as svc:
         yield svc
 
 
@@ -35,6 +36,7 @@ def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+@pytest.mark.matrix
 def test_encrypted_compressed_restore_from_s3(tmp_path: Path, service: Service,
                                               moto_endpoint: str, bucket: str) -> None:
     identity = pyrage.x25519.Identity.generate()

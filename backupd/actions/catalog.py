@@ -45,6 +45,7 @@ class Entry:
             "id": m.id, "created_at": m.created_at, "trigger": m.trigger, "tag": m.tag,
             "keys": m.keys, "raw_size": m.raw_size, "stored_size": m.stored_size,
             "rdb_version": m.rdb_version, "redis_version": m.redis.version,
+            "server": m.redis.server,
             "compression": m.compression, "encryption": m.encryption,
             "locations": self.locations, "upload": m.upload, "warnings": m.warnings,
         }

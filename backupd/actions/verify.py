@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -16,7 +15,7 @@ import structlog
 from backupd.errors import IntegrityError, StorageError
 from backupd.manifest import Manifest
 from backupd.pipeline import Counter, ObservedWriter, copy_stream, unpack
-from backupd.rdb import max_rdb_version
+from backupd.servers import ServerId, from_version_output
 from backupd.storage.base import Storage
 
 log = structlog.get_logger("backupd.verify")
@@ -64,7 +63,8 @@ def verify(storage: Storage, manifest: Manifest, *, identities: Sequence[Any] = 
                 outcome.checked.append(f"rdb-crc:{result.rdb.checksum}")
                 if deep and sink is not None and outcome.ok:
                     sink.flush()
-                    _check_rdb(outcome, Path(sink.name), manifest.rdb_version, redis_check_rdb)
+                    _check_rdb(outcome, Path(sink.name), manifest.rdb_version, redis_check_rdb,
+                               result.rdb.writer)
     except IntegrityError as exc:
         outcome.problems.append(str(exc))
     except StorageError as exc:
@@ -90,20 +90,21 @@ def _scratch(wanted: bool, directory: Path | None) -> Iterator[IO[bytes] | None]
         yield fh
 
 
-def _check_rdb(outcome: Outcome, path: Path, rdb_version: int, tool: str) -> None:
-    """Run redis-check-rdb, when it exists and is new enough to read this RDB version."""
+def _check_rdb(outcome: Outcome, path: Path, rdb_version: int, tool: str,
+               writer: ServerId | None) -> None:
+    """Run redis-check-rdb, when it exists and can read this RDB version."""
     try:
         version_text = subprocess.run([tool, "--version"], capture_output=True, text=True,
                                       timeout=30, check=False).stdout
     except (OSError, subprocess.TimeoutExpired):
         outcome.notes.append(f"deep check skipped: {tool} is not available")
         return
-    match = re.search(r"v=(\d+\.\d+\.\d+)", version_text) or re.search(
-        r"(\d+\.\d+\.\d+)", version_text)
-    server_version = match.group(1) if match else ""
-    if server_version and max_rdb_version(server_version) < rdb_version:
-        outcome.notes.append(f"deep check skipped: {tool} {server_version} cannot read RDB "
-                             f"version {rdb_version}")
+    checker = from_version_output(version_text)
+    if checker is not None and not checker.can_load(rdb_version):
+        written = f" (written by {writer.label})" if writer else ""
+        outcome.notes.append(f"deep check skipped: {tool} is {checker.label}, which cannot "
+                             f"read RDB version {rdb_version}{written}; point "
+                             "verify.redis_check_rdb at the production server's check tool")
         return
     try:
         proc = subprocess.run([tool, str(path)], capture_output=True, text=True,

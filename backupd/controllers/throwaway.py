@@ -8,7 +8,6 @@ short and in the system temp dir because unix socket paths are limited to ~107 b
 from __future__ import annotations
 
 import contextlib
-import re
 import shutil
 import subprocess
 import tempfile
@@ -19,14 +18,16 @@ from pathlib import Path
 import redis
 
 from backupd.errors import RestoreError
+from backupd.servers import ServerId, from_version_output
 
 VERSION_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 LOG_TAIL = 400
 
 
-def server_version(binary: str) -> str:
-    """`redis-server --version` -> '7.0.15'; RestoreError when the binary cannot run."""
+def server_identity(binary: str) -> ServerId:
+    """`redis-server --version` -> Redis 7.0.15 (or Valkey 8.1.8); RestoreError when the
+    binary cannot run."""
     if shutil.which(binary) is None:
         raise RestoreError(f"{binary!r} is not an executable on PATH (key 'verify.redis_server'); "
                            "the drill needs redis-server")
@@ -35,11 +36,10 @@ def server_version(binary: str) -> str:
                              timeout=VERSION_TIMEOUT, check=False, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise RestoreError(f"cannot run {binary} --version: {exc}") from None
-    match = re.search(r"v=(\d+\.\d+\.\d+)", out.stdout) or re.search(r"(\d+\.\d+\.\d+)",
-                                                                      out.stdout)
-    if not match:
+    found = from_version_output(out.stdout)
+    if found is None:
         raise RestoreError(f"{binary} --version printed no version: {out.stdout[:100]!r}")
-    return match.group(1)
+    return found
 
 
 @contextlib.contextmanager

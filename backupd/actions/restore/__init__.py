@@ -264,7 +264,7 @@ def _current_state(ctx: Context, target: Target) -> tuple[int | None, dict[str, 
 
 def _stop_and_swap(run: Run, target: Target, staged: Staged, should_start: bool) -> None:
     if target.answers:
-        quiesce(run.link, target.aof, run.save_timeout)
+        quiesce(run.link, target.aof, run.save_timeout, live=run.controller.swap_while_running)
     if run.controller.swap_while_running:
         swap_in(run, staged)
         run.journal.advance(run.pre_dir, RESTARTING)

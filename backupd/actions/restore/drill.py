@@ -12,7 +12,6 @@ from typing import Any
 
 from backupd.actions.restore.staging import Selected, fetch_and_check
 from backupd.actions.restore.swap import check_loaded
-from backupd.actions.restore.target import rdb_writer
 from backupd.config import Config
 from backupd.errors import (
     EXIT_FAILED,
@@ -21,7 +20,7 @@ from backupd.errors import (
     RestoreError,
 )
 from backupd.manifest import Manifest
-from backupd.rdb import max_rdb_version
+from backupd.servers import rdb_writer
 from backupd.storage.base import Storage
 
 
@@ -35,17 +34,18 @@ class DrillResult:
 def drill(config: Config, storage: Storage, manifest: Manifest, identities: Sequence[Any],
           scratch_parent: Path | None = None) -> DrillResult:
     """Load the backup into a throwaway redis-server and compare its key count."""
-    from backupd.controllers.throwaway import server_version, throwaway_server
+    from backupd.controllers.throwaway import server_identity, throwaway_server
 
     binary = config.verify.redis_server
-    version = server_version(binary)
-    can_load = max_rdb_version(version)
-    if manifest.rdb_version > can_load:
+    server = server_identity(binary)
+    if not server.can_load(manifest.rdb_version):
+        why = ("older than" if manifest.rdb_version > server.rdb_version
+               else "unable to load")
         return DrillResult(False, EXIT_FAILED, (
-            f"cannot drill: {binary} is Redis {version}, older than this backup's RDB "
-            f"(version {manifest.rdb_version}, {rdb_writer(manifest.rdb_version)}; Redis "
-            f"{version} loads up to {can_load}). Point verify.redis_server at a newer "
-            "redis-server."))
+            f"cannot drill: {binary} is {server.label}, {why} this backup's RDB "
+            f"(version {manifest.rdb_version}, {rdb_writer(manifest.rdb_version)}; written by "
+            f"{manifest.redis.identity.label}; {server.label} loads {server.loads}). Point "
+            "verify.redis_server at a server that loads it (the one in production, or newer)."))
     with tempfile.TemporaryDirectory(prefix=".backupd-drill-", dir=scratch_parent) as tmp:
         rdb = Path(tmp) / "dump.rdb"
         with open(rdb, "wb") as fh:
@@ -60,5 +60,5 @@ def drill(config: Config, storage: Storage, manifest: Manifest, identities: Sequ
             return DrillResult(False, EXIT_INTEGRITY, f"drill failed: {exc}")
     count = loaded.loaded if loaded.loaded is not None else loaded.keys
     return DrillResult(True, EXIT_OK, (
-        f"drill ok: redis-server {version} loaded {count} keys ({loaded.expired} already "
+        f"drill ok: {server.label} loaded {count} keys ({loaded.expired} already "
         f"expired) in {loaded.seconds:g}s; the manifest says {manifest.keys}"))

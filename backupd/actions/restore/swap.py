@@ -55,19 +55,25 @@ class Run:
 
 
 def read_config(client: redis.Redis, aof: bool) -> dict[str, str]:
-    keys = ["save"] + (["auto-aof-rewrite-percentage"] if aof else [])
+    keys = ["save"] + (["auto-aof-rewrite-percentage", "appendonly"] if aof else [])
     return {key: config_get(client, key) for key in keys}
 
 
-def quiesce(link: RedisLink, aof: bool, timeout: float, wait: bool = True) -> None:
+def quiesce(link: RedisLink, aof: bool, timeout: float, wait: bool = True,
+            live: bool = False) -> None:
     """`CONFIG SET save ""` (and no automatic AOF rewrite), then wait for no child: a save or
-    rewrite finishing later would rename its file over the restored one."""
+    rewrite finishing later would rename its file over the restored one. `live` (files swapped
+    while Redis runs): also AOF off, as Redis 8 rewrites its AOF manifest at shutdown, over the
+    swapped-in one, naming an incr file that is gone: it would then refuse to start. The
+    config's `appendonly yes` is back at the restart."""
     client = link.connect()
     try:
         with link.errors():
             client.config_set("save", "")
             if aof:
                 client.config_set("auto-aof-rewrite-percentage", "0")
+                if live:
+                    client.config_set("appendonly", "no")
             if wait:
                 poll_until(lambda: _no_child(client), timeout,
                            "the running save or AOF rewrite to finish (redis.save_timeout)")
@@ -243,7 +249,7 @@ def _roll_back_live(run: Run) -> RolledBack:
         put_back(run)
         _revert_config(run.link, run.journal)
         return _finish_rollback(run, moved=True, started=True)
-    quiesce(run.link, run.aof, run.save_timeout)
+    quiesce(run.link, run.aof, run.save_timeout, live=True)
     put_back(run)
     run.controller.stop()
     wait_ready(run.link, str(info.get("run_id", "")), run.cfg.start_timeout)

@@ -12,7 +12,7 @@ from typing import Any
 import redis
 import structlog
 
-from backupd import source
+from backupd import servers, source
 from backupd.config import RedisConfig
 from backupd.controllers.base import Controller, poll_until
 from backupd.errors import (
@@ -22,7 +22,7 @@ from backupd.errors import (
     RestoreError,
 )
 from backupd.manifest import Manifest
-from backupd.rdb import HEADER_SIZE, max_rdb_version, parse_header
+from backupd.rdb import HEADER_SIZE, parse_header
 
 log = structlog.get_logger("backupd.restore")
 
@@ -30,9 +30,6 @@ log = structlog.get_logger("backupd.restore")
 log = structlog.get_logger("backupd.restore")
 
 AOF_MANIFEST_SUFFIX = ".manifest"
-
-# The first Redis release that writes each RDB version (for messages), from rdb.max_rdb_version.
-_RELEASES = ("2.6", "3.2", "4.0", "5.0", "7.0", "7.2", "7.4", "8.6")
 
 
 class RedisLink:
@@ -114,6 +111,7 @@ class Target:
     role: str = "master"
     cluster: bool = False
     used_memory: int = 0
+    server: str = servers.REDIS  # "redis" or "valkey"
 
     @property
     def entries(self) -> list[str]:
@@ -141,7 +139,7 @@ def _target_from_server(client: redis.Redis, cfg: RedisConfig) -> Target:
             ("appendonly", "appenddirname", "appendfilename", "dbfilename")}
     aof = conf["appendonly"] == "yes"
     if aof and not conf["appenddirname"]:
-        raise RestoreError(f"Redis {info.facts.version} uses a single-file AOF (Redis < 7.0); "
+        raise RestoreError(f"{info.facts.identity.label} uses a single-file AOF (Redis < 7.0); "
                            "backupd restores the Redis 7 multi-part AOF only")
     raw = info.persistence
     return Target(
@@ -150,7 +148,7 @@ def _target_from_server(client: redis.Redis, cfg: RedisConfig) -> Target:
         aof_dir=safe_name(conf["appenddirname"] or "appendonlydir"),
         aof_file=safe_name(conf["appendfilename"] or "appendonly.aof"),
         role=info.facts.role, cluster=bool(int(raw.get("cluster_enabled", 0))),
-        used_memory=int(raw.get("used_memory_dataset", 0)),
+        used_memory=int(raw.get("used_memory_dataset", 0)), server=info.facts.server,
     )
 
 
@@ -213,30 +211,23 @@ def check_version(manifest: Manifest, rdb_version: int, target: Target,
     policy); returns the server version used for the check, or a note when inferred."""
     version = target.version or controller.server_version() or ""
     if version:
-        can_load = max_rdb_version(version)
-        if can_load < rdb_version:
+        server = servers.ServerId(target.server if target.version else servers.REDIS, version)
+        if not server.can_load(rdb_version):
             raise RestoreError(
                 f"backup {manifest.id} is RDB version {rdb_version} (written by "
-                f"{rdb_writer(rdb_version)}, Redis {manifest.redis.version or '?'}); the target "
-                f"runs Redis {version}, which loads RDB versions up to {can_load}. Nothing was "
-                "stopped or changed. Upgrade the target or restore an older backup.")
-        return f"Redis {version} (loads RDB <= {can_load})"
+                f"{manifest.redis.identity.label}; {servers.rdb_writer(rdb_version)}); the "
+                f"target runs {server.label}, which loads {server.loads}. Nothing was "
+                "stopped or changed. Restore into a server that loads it, or an older backup.")
+        return f"{server.label} (loads {server.loads})"
     on_disk = _on_disk_rdb_version(data_dir, target)
-    if on_disk is None or on_disk < rdb_version:
+    if on_disk is None or on_disk < rdb_version or (
+            11 < rdb_version < servers.VALKEY_OWN_FROM <= on_disk):  # Valkey 9 refuses 12..79
         raise RestoreError(
             f"Redis is not running, so its version cannot be checked, and the files in "
             f"{data_dir} do not show that it can load RDB version {rdb_version} (backup "
-            f"{manifest.id}, {rdb_writer(rdb_version)}). Start Redis and run the restore again.")
+            f"{manifest.id}, {servers.rdb_writer(rdb_version)}). Start Redis and run the "
+            "restore again.")
     return f"unknown (Redis down; its files are RDB version {on_disk})"
-
-
-def rdb_writer(rdb_version: int) -> str:
-    if rdb_version >= 80:
-        return "Valkey 9.0 or newer"
-    for release in _RELEASES:
-        if max_rdb_version(release) >= rdb_version:
-            return f"Redis {release} or newer"
-    return "an unknown Redis"
 
 
 def _on_disk_rdb_version(data_dir: Path, target: Target) -> int | None:
