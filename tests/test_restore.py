@@ -141,10 +141,10 @@ def _dir_for_user(base: Path, name: str, user: str | None) -> tuple[Path, Path |
 
 
 @contextlib.contextmanager
-def running_service(tmp_path: Path, stop_timeout: float = 30,
-                    binary: str = REDIS_SERVER) -> Iterator[Service]:
-    """One plain Redis service on tmp_path/data, stopped with its stop command afterwards."""
-    data = tmp_path / "data"
+def running_service(tmp_path: Path, stop_timeout: float = 30, binary: str = REDIS_SERVER,
+                    name: str = "data") -> Iterator[Service]:
+    """One plain Redis service on tmp_path/<name>, stopped with its stop command afterwards."""
+    data = tmp_path / name
     data.mkdir()
     svc = Service(RedisServer(data, free_port(), PASSWORD, [], binary=binary))
     svc.start()
