@@ -4,6 +4,14 @@
 #   --build-arg BASE_IMAGE=localhost/debian-py:bookworm
 # Only `python3` is used: plain Debian images have no `python` alias.
 ARG BASE_IMAGE=python:3.12-slim-bookworm
+# The server that drills (`verify --drill`) and `verify --deep` run: take it from the image
+# production runs, so that it loads what production writes (a 7.0 server cannot load the RDB 12
+# of redis:7 = 7.4). Its Debian (glibc) variant: redis:8-bookworm, valkey/valkey:8-bookworm;
+# an -alpine (musl) binary does not run here. compose.yaml passes its own Redis image.
+ARG REDIS_IMAGE=redis:7-bookworm
+
+# --- the drill server: only its binary is used ------------------------------------------------
+FROM ${REDIS_IMAGE} AS drill-server
 
 # --- builder: install backupd and its dependencies into a self-contained venv -------------------
 FROM ${BASE_IMAGE} AS builder
@@ -19,18 +27,22 @@ RUN /opt/venv/bin/pip install --no-cache-dir . \
 
 # --- final image --------------------------------------------------------------------------------
 FROM ${BASE_IMAGE}
-# redis-tools brings redis-check-rdb and redis-cli; redis-server lets a restore drill start a
-# throwaway server on a backup file. Nothing here starts a server.
-# The user exists before the packages are installed so uid/gid 999 are never taken by them:
-# 999 is the uid the official redis image writes dump.rdb (mode 0600) with.
+# uid/gid 999: the uid the official redis image writes dump.rdb (mode 0600) with.
 RUN groupadd --system --gid 999 backupd \
  && useradd --system --uid 999 --gid 999 --home-dir /nonexistent --no-create-home \
         --shell /usr/sbin/nologin backupd \
- && apt-get update \
- && apt-get install -y --no-install-recommends redis-tools redis-server \
- && rm -rf /var/lib/apt/lists/* \
  && install -d -o 999 -g 999 -m 0700 /backups \
  && install -d -m 0755 /etc/backupd
+# redis-server (or valkey-server) from REDIS_IMAGE: a drill starts it as a throwaway server on
+# a backup file; started as redis-check-rdb it is the check tool (the same binary picks its
+# role by name). The build fails here when the binary does not run on this base.
+COPY --from=drill-server /usr/local/bin/*-server /usr/local/bin/
+WORKDIR /usr/local/bin
+RUN if [ -e valkey-server ]; then server=valkey-server; else server=redis-server; fi \
+ && if [ ! -e redis-server ]; then ln -s "$server" redis-server; fi \
+ && ln -sf "$server" redis-check-rdb \
+ && redis-server --version \
+ && redis-check-rdb --version
 # Same base in both stages, so the venv's interpreter symlink stays valid.
 COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \

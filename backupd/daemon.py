@@ -164,11 +164,18 @@ class Daemon:
                  drill=cfg.schedule.drill or None, backup_dir=cfg.backup.dir,
                  metrics=self.server.address if self.server else None,
                  max_age_s=cfg.metrics.max_age, pid=os.getpid())
+        self._say_whether_drills_can_work()
         gap = schedule.longest_gap(self.plan.backup, datetime.now(self.plan.timezone))
         if gap.total_seconds() > cfg.metrics.max_age:
             log.warning("max_age_shorter_than_schedule", longest_gap_s=gap.total_seconds(),
                         max_age_s=cfg.metrics.max_age,
                         effect="/healthz and `backupd health` will fail between runs")
+
+    def _say_whether_drills_can_work(self) -> None:
+        from backupd.actions.restore.drill import drill_server_fits
+
+        fits, why = drill_server_fits(self.config)
+        (log.info if fits else log.warning)("drill_server", fits=fits, detail=why)
 
     def _serve(self) -> int:
         """Heartbeat until a stop signal; returns the signal number."""

@@ -163,6 +163,7 @@ timeout = "5s"
         wait_until(lambda: daemon.metric("backupd_backups_total", outcome="success") >= 2, 20,
                    "two scheduled backups")
         assert len(daemon.manifests()) >= 2
+        assert [e["fits"] for e in daemon.logged("drill_server")] == [True]  # 7.0 drills 7.0
         assert daemon.metric("backupd_backup_keys") == KEYS
         assert daemon.metric("backupd_backup_size_bytes", kind="raw") > 0
         assert daemon.metric("backupd_backup_duration_seconds_count") >= 2

@@ -112,7 +112,7 @@ def test_old_manifests_are_redis_and_an_unknown_server_is_refused(tmp_path: Path
     body["redis"] = {"version": "8.1.8", "server": "valkey"}
     assert mf.parse(json.dumps(body).encode()).redis.identity.label == "Valkey 8.1.8"
     body["redis"] = {"version": "1.0", "server": "memcached"}
-    with pytest.raises(IntegrityError, match="redis.server"):
+    with pytest.raises(IntegrityError, match=r"redis\.server"):
         mf.parse(json.dumps(body).encode())
 
 
@@ -174,3 +174,22 @@ def test_drill_and_deep_verify_on_70_say_why_they_cannot_check_a_valkey_backup(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "deep check skipped: redis-check-rdb is Redis 7.0.15, which cannot read RDB " \
         "version 11 (written by Valkey 8.1.8)" in proc.stdout
+
+
+def test_config_check_says_whether_the_drill_server_loads_what_production_writes(
+        tmp_path: Path) -> None:
+    redis82 = matrix_server("redis-8.2")
+    with running_service(tmp_path, name="prod", binary=redis82.binary) as prod:
+        fits = write_config(tmp_path / "fits.toml", prod.server, tmp_path / "b")
+        proc = run_cli("-c", str(fits), "config", "check")
+        assert proc.returncode == 0, proc.stderr
+        assert f"# ok: drill server {redis82.binary} is Redis 8.2.3: it loads what Redis " \
+            "8.2.3 writes (RDB 12)" in proc.stdout
+        old = write_config(tmp_path / "old.toml", prod.server, tmp_path / "b",
+                           '[verify]\nredis_server = "redis-server"\n')
+        proc = run_cli("-c", str(old), "config", "check")
+        assert proc.returncode == 0, proc.stderr
+        assert f"# WARNING: drill server redis-server is {SERVERS[0].label}, which cannot load " \
+            "what Redis 8.2.3 writes (RDB 12; it loads RDB versions up to 10)" in proc.stdout
+    proc = run_cli("-c", str(old), "config", "check")  # production down: it cannot tell
+    assert proc.returncode == 0 and "cannot tell whether it loads" in proc.stdout

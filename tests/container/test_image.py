@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
+
+from tests.conftest import (
+    PASSWORD,
+    RedisServer,
+    fill,
+    free_port,
+    last_line,
+    matrix_server,
+    run_cli,
+    write_config,
+)
 
 # The first test pays for podman-setup.sh and the image build (minutes on a fresh machine).
 pytestmark = [pytest.mark.container, pytest.mark.timeout(900)]
@@ -51,10 +65,13 @@ def test_runs_as_uid_999(docker_client: docker.DockerClient, backupd_image: str)
 
 
 def test_redis_tools_on_path(docker_client: docker.DockerClient, backupd_image: str) -> None:
-    # One name per `command -v`: dash looks up only the first.
+    # One name per `command -v`: dash looks up only the first. Both are REDIS_IMAGE's server.
     out = run(docker_client, backupd_image,
-              ["-c", "command -v redis-check-rdb && command -v redis-server"], entrypoint=["sh"])
-    assert out.split() == ["/usr/bin/redis-check-rdb", "/usr/bin/redis-server"]
+              ["-c", "command -v redis-check-rdb && command -v redis-server && "
+                     "redis-check-rdb --version && redis-server --version"], entrypoint=["sh"])
+    lines = out.splitlines()
+    assert lines[:2] == ["/usr/local/bin/redis-check-rdb", "/usr/local/bin/redis-server"]
+    assert "v=8.2.3" in lines[2] and "v=8.2.3" in lines[3]  # from the drill image, not Debian's
 
 
 def test_image_metadata(docker_client: docker.DockerClient, backupd_image: str) -> None:
@@ -81,3 +98,47 @@ def test_redis_fixture_snapshot_lands_in_volume(redis_container: Callable[..., A
     dump = server.data_dir / "dump.rdb"
     assert dump.read_bytes().startswith(b"REDIS")
     assert (dump.stat().st_uid, dump.stat().st_mode & 0o777) == (999, 0o600)
+
+
+def test_drill_of_an_rdb_12_backup_inside_the_image(docker_client: docker.DockerClient,
+                                                    backupd_image: str,
+                                                    tmp_path: Path) -> None:
+    """A backup written by Redis 8.2 (RDB 12), drilled by the image built with the 8.2 image:
+    what the Debian 7.0 server the image used to ship could not do."""
+    redis82 = matrix_server("redis-8.2")
+    outer = Path(tempfile.mkdtemp(prefix="backupd-image-drill-"))
+    try:
+        outer.chmod(0o755)
+        (outer / "data").mkdir()
+        server = RedisServer(outer / "data", free_port(), PASSWORD, binary=redis82.binary)
+        server.start()
+        try:
+            fill(server, 500)
+            config = write_config(outer / "host.toml", server, outer / "backups")
+            made = run_cli("-c", str(config), "backup", "--no-prune")
+            assert made.returncode == 0, made.stderr
+        finally:
+            server.stop()
+        backup_id = last_line(made.stdout)
+        manifest = json.loads((outer / "backups" / f"{backup_id}.json").read_text())
+        assert manifest["rdb_version"] == 12
+        (outer / "image.toml").write_text(
+            f'[redis]\nhost = "127.0.0.1"\nport = {server.port}\ndata_dir = "/data"\n'
+            '[backup]\ndir = "/backups"\n')
+        for path in (outer / "backups", *(outer / "backups").iterdir(), outer / "image.toml"):
+            os.chown(path, 999, 999)
+        container = docker_client.containers.create(
+            backupd_image, ["-c", "/etc/backupd/config.toml", "verify", "--drill", backup_id],
+            network_mode="host", volumes={
+                str(outer / "backups"): {"bind": "/backups", "mode": "rw"},
+                str(outer / "image.toml"): {"bind": "/etc/backupd/config.toml", "mode": "ro"}})
+        try:
+            container.start()
+            status = container.wait(timeout=120)["StatusCode"]
+            out = container.logs(stdout=True, stderr=True).decode(errors="replace")
+        finally:
+            container.remove(force=True)
+        assert status == 0, out
+        assert f"{backup_id} [local] drill ok: Redis 8.2.3 loaded 501 keys" in out
+    finally:
+        shutil.rmtree(outer, ignore_errors=True)

@@ -62,3 +62,37 @@ def drill(config: Config, storage: Storage, manifest: Manifest, identities: Sequ
     return DrillResult(True, EXIT_OK, (
         f"drill ok: {server.label} loaded {count} keys ({loaded.expired} already "
         f"expired) in {loaded.seconds:g}s; the manifest says {manifest.keys}"))
+
+
+def drill_server_fits(config: Config) -> tuple[bool, str]:
+    """Whether verify.redis_server can load what the production server writes: said at start
+    and by `config check`, so a drill server older than production (the image's own 7.0 next
+    to redis:7 = 7.4) shows before the first scheduled drill fails."""
+    from backupd import servers, source
+    from backupd.controllers.throwaway import server_identity
+    from backupd.errors import BackupdError
+
+    binary = config.verify.redis_server
+    try:
+        drill_server = server_identity(binary)
+    except RestoreError as exc:
+        return False, f"drill server {binary}: {exc}"
+    try:
+        client = source.connect(config.redis)
+        try:
+            with source.redis_errors(config.redis, True):
+                production = servers.from_info(client.info("server"))
+        finally:
+            client.close()
+    except BackupdError as exc:
+        return False, (f"drill server {binary} is {drill_server.label}; cannot tell whether it "
+                       f"loads production's RDB: {exc}")
+    writes = production.rdb_version
+    if drill_server.can_load(writes):
+        return True, (f"drill server {binary} is {drill_server.label}: it loads what "
+                      f"{production.label} writes (RDB {writes})")
+    return False, (f"drill server {binary} is {drill_server.label}, which cannot load what "
+                   f"{production.label} writes (RDB {writes}; it loads {drill_server.loads}): "
+                   "verify --drill fails and verify --deep skips its check. Point "
+                   "verify.redis_server/redis_check_rdb at the production server's binaries "
+                   "(the image: build it with REDIS_IMAGE set to the image production runs)")
