@@ -186,6 +186,7 @@ class Runner:
         except Exception as exc:
             message = _message(exc)
             log.error("drill_failed", error=message, error_type=type(exc).__name__)
+            self.metrics.drill_failed()
             self.notifier.run_finished(RunReport(
                 "drill_failure", "scheduled", iso_time(started), iso_time(time.time()),
                 round(time.monotonic() - t0, 3), error=message, error_type=type(exc).__name__))

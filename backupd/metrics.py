@@ -62,9 +62,12 @@ class Metrics:
                                ["reason"], registry=r)
         self.drill_success = Gauge("backupd_drill_last_success_timestamp_seconds",
                                    "Unix time of the last successful restore drill", registry=r)
+        self.drills = Counter("backupd_drills", "Scheduled restore drills by outcome",
+                              ["outcome"], registry=r)
         Info("backupd_build", "backupd version", registry=r).info({"version": __version__})
         for outcome in ("success", "failure"):  # export zeros, so rate() works from the start
             self.backups.labels(outcome=outcome)
+            self.drills.labels(outcome=outcome)
         for kind in ("raw", "stored"):
             self.size.labels(kind=kind)
         for reason in ("overlap", "missed"):
@@ -103,6 +106,10 @@ class Metrics:
 
     def drill_succeeded(self, at: float | None = None) -> None:
         self.drill_success.set(time.time() if at is None else at)
+        self.drills.labels(outcome="success").inc()
+
+    def drill_failed(self) -> None:
+        self.drills.labels(outcome="failure").inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -69,6 +69,7 @@ def test_drill_loads_the_latest_backup_into_a_throwaway_server(
     drilled = rig.sample("backupd_drill_last_success_timestamp_seconds")
     assert drilled is not None
     assert drilled > time.time() - 60
+    assert rig.sample("backupd_drills_total", outcome="success") == 1
     assert rig.events() == ["drill_success"]
 
 
@@ -78,6 +79,8 @@ def test_failed_drill_is_notified_not_raised(rig: Rig) -> None:
     assert rig.events() == ["drill_failure"]
     assert [e["event"] for e in logged if e["log_level"] == "error"] == ["drill_failed"]
     assert rig.sample("backupd_drill_last_success_timestamp_seconds") == 0
+    assert rig.sample("backupd_drills_total", outcome="failure") == 1
+    assert rig.sample("backupd_drills_total", outcome="success") == 0
 
 
 def test_drill_is_skipped_when_this_build_has_none(rig: Rig,

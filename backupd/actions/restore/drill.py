@@ -39,8 +39,8 @@ def drill(config: Config, storage: Storage, manifest: Manifest, identities: Sequ
     binary = config.verify.redis_server
     server = server_identity(binary)
     if not server.can_load(manifest.rdb_version):
-        why = ("older than" if manifest.rdb_version > server.rdb_version
-               else "unable to load")
+        why = ("older than" if server.kind == manifest.redis.server
+               and manifest.rdb_version > server.rdb_version else "unable to load")
         return DrillResult(False, EXIT_FAILED, (
             f"cannot drill: {binary} is {server.label}, {why} this backup's RDB "
             f"(version {manifest.rdb_version}, {rdb_writer(manifest.rdb_version)}; written by "
