@@ -11,9 +11,9 @@ PYTEST_ARGS ?=
 # The matrix tests refuse to run on fewer servers than the matrix has (tests/conftest.py).
 export BACKUPD_TEST_SERVERS := $(SERVERS)
 
-.PHONY: test test-slow test-container lint deps redis servers bench clean
+.PHONY: test test-slow test-container lint deps redis servers promtool bench clean
 
-test: deps redis servers lint
+test: deps redis servers promtool lint
 	BACKUPD_REQUIRE_MATRIX=1 $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-slow: deps redis servers
@@ -21,6 +21,17 @@ test-slow: deps redis servers
 
 servers: deps
 	sh scripts/fetch-servers.sh $(SERVERS) $(BIN)/python
+
+# promtool (Debian's prometheus package) runs the alert rules' tests (tests/test_dashboards.py).
+promtool:
+	@command -v promtool >/dev/null || { \
+	  echo "promtool is missing: installing the prometheus package with apt-get"; \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	  else \
+	    echo "cannot install it here: run 'sudo apt-get install prometheus' (Debian/Ubuntu)"; exit 1; \
+	  fi; }
+	@promtool --version | head -n 1
 
 test-container: deps redis
 	bash scripts/podman-setup.sh
