@@ -168,7 +168,7 @@ def test_drill_and_deep_verify_on_70_say_why_they_cannot_check_a_valkey_backup(
         backup_id = backup(config)
     proc = run_cli("-c", str(config), "verify", "--drill", backup_id)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert f"cannot drill: redis-server is {SERVERS[0].label}, older than this backup's RDB " \
+    assert f"cannot drill: redis-server is {SERVERS[0].label}, unable to load this backup's RDB " \
         "(version 11" in proc.stdout and "written by Valkey 8.1.8" in proc.stdout
     proc = run_cli("-c", str(config), "verify", "--deep", backup_id)
     assert proc.returncode == 0, proc.stdout + proc.stderr

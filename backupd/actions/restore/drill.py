@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from backupd import servers, source
 from backupd.actions.restore.staging import Selected, fetch_and_check
 from backupd.actions.restore.swap import check_loaded
 from backupd.config import Config
@@ -17,10 +18,10 @@ from backupd.errors import (
     EXIT_FAILED,
     EXIT_INTEGRITY,
     EXIT_OK,
+    BackupdError,
     RestoreError,
 )
 from backupd.manifest import Manifest
-from backupd.servers import rdb_writer
 from backupd.storage.base import Storage
 
 
@@ -41,9 +42,10 @@ def drill(config: Config, storage: Storage, manifest: Manifest, identities: Sequ
     if not server.can_load(manifest.rdb_version):
         why = ("older than" if server.kind == manifest.redis.server
                and manifest.rdb_version > server.rdb_version else "unable to load")
+        writers = servers.rdb_writer(manifest.rdb_version)
         return DrillResult(False, EXIT_FAILED, (
             f"cannot drill: {binary} is {server.label}, {why} this backup's RDB "
-            f"(version {manifest.rdb_version}, {rdb_writer(manifest.rdb_version)}; written by "
+            f"(version {manifest.rdb_version}, {writers}; written by "
             f"{manifest.redis.identity.label}; {server.label} loads {server.loads}). Point "
             "verify.redis_server at a server that loads it (the one in production, or newer)."))
     with tempfile.TemporaryDirectory(prefix=".backupd-drill-", dir=scratch_parent) as tmp:
@@ -68,9 +70,7 @@ def drill_server_fits(config: Config) -> tuple[bool, str]:
     """Whether verify.redis_server can load what the production server writes: said at start
     and by `config check`, so a drill server older than production (the image's own 7.0 next
     to redis:7 = 7.4) shows before the first scheduled drill fails."""
-    from backupd import servers, source
     from backupd.controllers.throwaway import server_identity
-    from backupd.errors import BackupdError
 
     binary = config.verify.redis_server
     try:
