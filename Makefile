@@ -33,7 +33,7 @@ promtool:
 	  fi; }
 	@promtool --version | head -n 1
 
-test-container: deps redis
+test-container: deps redis servers
 	bash scripts/podman-setup.sh
 	$(BIN)/python -m pytest -q -m "container" tests/container $(PYTEST_ARGS)
 
