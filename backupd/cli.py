@@ -294,9 +294,11 @@ def config_check(state: State, check_remote: bool) -> None:
     click.echo(f"# configuration from {cfg.source}: valid")
     click.echo(_toml(effective))
     from backupd.actions.restore.drill import drill_server_fits
+    from backupd.discovery import resolve
 
     fits, why = drill_server_fits(cfg)
     click.echo(f"# {'ok' if fits else 'WARNING'}: {why}")
+    click.echo(f"# target: {resolve(cfg.redis).describe()}")
     if check_remote:
         if not cfg.s3.enabled:
             click.echo("# --check-remote: s3.bucket is not set; nothing to check")

@@ -8,6 +8,7 @@ expected, and is raised as ConfigError (exit code 2), never as a traceback.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import tomllib
@@ -65,17 +66,43 @@ def _strings(*default: str) -> Any:
 
 
 @dataclass(frozen=True)
+class SentinelConfig:
+    hosts: list[str] = _strings()  # "host:port" of each sentinel; empty = no Sentinel
+    master_name: str = ""
+    username: str = ""
+    password_env: str = ""
+    password_file: str = ""
+    tls: bool = False  # with redis.tls_ca_file / tls_cert_file / tls_key_file / tls_verify
+    failover_hold_off: float = _duration("15m")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.hosts)
+
+
+@dataclass(frozen=True)
 class RedisConfig:
     host: str = "127.0.0.1"
     port: int = 6379
+    socket: str = ""
     username: str = ""
     password_env: str = "REDIS_PASSWORD"  # noqa: S105 - a variable name
     password_file: str = ""
     tls: bool = False
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_server_name: str = ""
+    tls_verify: bool = True
     data_dir: str = "/data"
     save_timeout: float = _duration("15m")
     connect_timeout: float = _duration("10s")
+    read_timeout: float = _duration("30s")
     follow_save: bool = True
+    prefer: str = _choice("master", "master", "replica")
+    allow_stale_replica: bool = False
+    replica_max_io_age: float = _duration("30s")
+    sentinel: SentinelConfig = field(default_factory=SentinelConfig)
 
 
 @dataclass(frozen=True)
@@ -322,10 +349,43 @@ def load(path: str | os.PathLike[str] | None = None,
             raise ConfigError(f"config file {origin} is not valid TOML: {exc}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config file {origin} is not UTF-8 text") from None
+    _check_env_names(env)
     config: Config = _build(Config, data, env, "", origin)
     config = dataclasses.replace(config, source=origin)
     _validate(config, origin)
+    _check_exclusive(config.redis, data, env, origin)
     return config
+
+
+def _env_names(cls: type[Any], path: str = "") -> dict[str, str]:
+    """Every override variable of the schema: BACKUPD_REDIS__PORT -> redis.port."""
+    names: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        dotted = _dotted(path, f.name)
+        if isinstance(f.default_factory, type):
+            names.update(_env_names(f.default_factory, dotted))
+        else:
+            names[ENV_PREFIX + dotted.upper().replace(".", "__")] = dotted
+    return names
+
+
+def _check_env_names(env: Mapping[str, str]) -> None:
+    """An override with a typo is an error, as the same typo in the file is: a variable that
+    looks like one (`BACKUPD_<SECTION>__...` or `BACKUPD_<SECTION>_...`) must name a key."""
+    known = _env_names(Config)
+    sections = tuple(ENV_PREFIX + f.name.upper() + "_" for f in dataclasses.fields(Config)
+                     if isinstance(f.default_factory, type))
+    for name in sorted(env):
+        if name in known or not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        if "__" in name or name.startswith(sections):
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = (f"did you mean {close[0]} (key {known[close[0]]!r})?" if close
+                    else "see config.example.toml for the keys")
+            raise ConfigError(f"environment variable {name} is not a configuration key; "
+                              f"{hint} (overrides are BACKUPD_<SECTION>__<KEY>)")
 
 
 def _validate(config: Config, origin: str) -> None:
@@ -339,9 +399,11 @@ def _validate(config: Config, origin: str) -> None:
     if not r.data_dir:
         raise bad("redis.data_dir", "the path of the Redis data volume in this container", "")
     for key, seconds in (("redis.save_timeout", r.save_timeout),
-                         ("redis.connect_timeout", r.connect_timeout)):
+                         ("redis.connect_timeout", r.connect_timeout),
+                         ("redis.read_timeout", r.read_timeout)):
         if seconds <= 0:
             raise bad(key, "a duration > 0", format_duration(seconds))
+    _validate_redis_target(r, origin)
     b = config.backup
     if not b.dir:
         raise bad("backup.dir", "a directory path", "")
@@ -384,6 +446,67 @@ def _validate(config: Config, origin: str) -> None:
         raise bad("schedule.every", "a duration > 0", format_duration(s.every))
 
 
+def _validate_redis_target(r: RedisConfig, origin: str) -> None:
+    """How Redis is reached: TLS files need TLS; a socket excludes host/port (checked in
+    load(), which knows what was given); Sentinel needs a master name and host:port pairs."""
+    if not r.tls:
+        for key in ("tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name"):
+            if getattr(r, key):
+                raise ConfigError(f"{origin}: key 'redis.{key}' is set, but 'redis.tls' is "
+                                  "false: set redis.tls = true to use TLS")
+    if bool(r.tls_cert_file) != bool(r.tls_key_file):
+        raise ConfigError(f"{origin}: keys 'redis.tls_cert_file' and 'redis.tls_key_file' go "
+                          "together (a client certificate and its private key)")
+    if r.socket and not r.socket.startswith("/"):
+        raise ConfigError(f"{origin}: key 'redis.socket': expected an absolute path such as "
+                          f"'/run/redis/redis.sock', got {r.socket!r}")
+    if r.socket and r.tls:
+        raise ConfigError(f"{origin}: keys 'redis.socket' and 'redis.tls' exclude each other "
+                          "(TLS is for TCP connections)")
+    s = r.sentinel
+    if s.enabled:
+        if not s.master_name:
+            raise ConfigError(f"{origin}: key 'redis.sentinel.master_name': expected the "
+                              "master's name in Sentinel (e.g. 'mymaster') when "
+                              "redis.sentinel.hosts is set")
+        for host in s.hosts:
+            parse_host_port(host, "redis.sentinel.hosts", origin)
+        if r.socket:
+            raise ConfigError(f"{origin}: keys 'redis.socket' and 'redis.sentinel.hosts' "
+                              "exclude each other (Sentinel gives TCP addresses)")
+    elif r.prefer == "replica":
+        raise ConfigError(f"{origin}: key 'redis.prefer' = 'replica' needs "
+                          "redis.sentinel.hosts (the sentinels know the replicas)")
+    if s.tls and not r.tls:
+        raise ConfigError(f"{origin}: key 'redis.sentinel.tls' = true needs redis.tls = true "
+                          "(the sentinels use the redis.tls_* files)")
+
+
+def _check_exclusive(r: RedisConfig, data: Mapping[str, Any], env: Mapping[str, str],
+                     origin: str) -> None:
+    """`redis.socket` or `redis.sentinel.hosts` replace host/port: both given is an error."""
+    table = data.get("redis", {})
+    table = table if isinstance(table, Mapping) else {}
+    given = [k for k in ("host", "port") if k in table or f"{ENV_PREFIX}REDIS__{k.upper()}" in env]
+    if not given:
+        return
+    if r.socket:
+        raise ConfigError(f"{origin}: keys 'redis.socket' and 'redis.{given[0]}' exclude "
+                          "each other: a unix socket or host/port, not both")
+    if r.sentinel.enabled:
+        raise ConfigError(f"{origin}: keys 'redis.sentinel.hosts' and 'redis.{given[0]}' "
+                          "exclude each other: under Sentinel the sentinels name the server")
+
+
+def parse_host_port(text: str, key: str, origin: str = "config") -> tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isascii() or not port.isdigit() \
+            or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{origin}: key {key!r}: expected HOST:PORT such as "
+                          f"'10.0.0.5:26379', got {text!r}")
+    return host.strip("[]"), int(port)
+
+
 def parse_listen(listen: str, origin: str = "config") -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isascii() or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -404,15 +527,18 @@ def _check_recipient(recipient: str, origin: str) -> None:
         ) from None
 
 
-def redis_password(config: RedisConfig, env: Mapping[str, str] | None = None) -> str | None:
-    """The Redis password from `password_file` or the env var named by `password_env`."""
+def redis_password(config: RedisConfig | SentinelConfig,
+                   env: Mapping[str, str] | None = None) -> str | None:
+    """The password from `password_file` or the env var named by `password_env` (of Redis,
+    or of the sentinels)."""
     env = os.environ if env is None else env
+    section = "redis.sentinel" if isinstance(config, SentinelConfig) else "redis"
     if config.password_file:
         try:
             return Path(config.password_file).read_text(encoding="utf-8").strip("\r\n")
         except OSError as exc:
-            raise ConfigError(f"key 'redis.password_file': cannot read {config.password_file}: "
-                              f"{exc.strerror}") from None
+            raise ConfigError(f"key '{section}.password_file': cannot read "
+                              f"{config.password_file}: {exc.strerror}") from None
     if config.password_env:
         return env.get(config.password_env) or None
     return None

@@ -43,6 +43,10 @@ class RedisAuthError(OperationError):
     """Redis rejected the credentials or the ACL user lacks a permission."""
 
 
+class StaleReplica(OperationError):
+    """The server is a replica whose data may be old (link down, never synced, silent)."""
+
+
 class SnapshotError(OperationError):
     """BGSAVE was refused, failed, timed out or did not produce a new file."""
 

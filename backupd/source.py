@@ -27,11 +27,10 @@ from typing import IO, Any
 
 import redis
 import structlog
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from backupd import servers
-from backupd.config import RedisConfig, redis_password
+from backupd import discovery, servers
+from backupd.config import RedisConfig
+from backupd.endpoint import Endpoint
 from backupd.errors import (
     ConfigError,
     InsufficientSpace,
@@ -49,23 +48,47 @@ SPACE_MARGIN = 16 * 1024 * 1024
 
 
 def connect(cfg: RedisConfig, env: Mapping[str, str] | None = None) -> redis.Redis:
-    """A checked connection (PING answered); errors say what to fix, never the password."""
-    password = redis_password(cfg, env)
-    client = redis.Redis(
-        host=cfg.host, port=cfg.port, username=cfg.username or None, password=password,
-        ssl=cfg.tls, socket_connect_timeout=cfg.connect_timeout,
-        socket_timeout=max(cfg.connect_timeout, 30.0), decode_responses=True, protocol=2,
-        retry=Retry(NoBackoff(), 0),  # the default retries auth errors (ConnectionError subclasses)
-    )
-    with redis_errors(cfg, password is not None):
+    """A checked connection (PING answered) to the server the configuration names (under
+    Sentinel: the current master); errors say what to fix, never the password."""
+    return connect_endpoint(discovery.resolve(cfg, env))
+
+
+def connect_endpoint(endpoint: Endpoint) -> redis.Redis:
+    """A checked connection (PING answered) to one resolved server."""
+    client = endpoint.client()
+    with redis_errors(endpoint.cfg, endpoint.password is not None):
         client.ping()
     return client
+
+
+def _where(cfg: RedisConfig) -> str:
+    return f"Redis at unix socket {cfg.socket}" if cfg.socket else \
+        f"Redis at {cfg.host}:{cfg.port}"
+
+
+_TLS_HINTS = (
+    ("certificate has expired", "the server's certificate has expired"),
+    ("certificate_verify_failed", "the server's certificate was not accepted; check "
+                                  "redis.tls_ca_file (the CA that signed it) and "
+                                  "redis.tls_server_name (the name in it)"),
+    ("certificate required", "the server requires a client certificate: set "
+                             "redis.tls_cert_file and redis.tls_key_file"),
+    ("wrong_version_number", "the server does not speak TLS on this port (redis.tls = true)"),
+    ("eof occurred in violation of protocol", "the server closed the TLS connection: does it "
+                                              "require a client certificate (redis.tls_cert_file "
+                                              "and redis.tls_key_file)?"),
+)
+
+
+def _connection_hint(text: str) -> str:
+    lowered = text.lower()
+    return next((f": {hint}" for needle, hint in _TLS_HINTS if needle in lowered), "")
 
 
 @contextlib.contextmanager
 def redis_errors(cfg: RedisConfig, has_password: bool) -> Iterator[None]:
     """Translate redis-py exceptions into backupd errors with an operator-facing message."""
-    where = f"Redis at {cfg.host}:{cfg.port}"
+    where = _where(cfg)
     try:
         yield
     except redis.exceptions.AuthenticationError as exc:
@@ -79,11 +102,17 @@ def redis_errors(cfg: RedisConfig, has_password: bool) -> Iterator[None]:
     except redis.exceptions.NoPermissionError as exc:
         raise RedisAuthError(f"{where}: the ACL user lacks a permission backupd needs: {exc}. "
                              "Grant: +ping +info +bgsave +lastsave +time +config|get") from None
-    except redis.exceptions.TimeoutError:
+    except redis.exceptions.TimeoutError as exc:
+        if "connect" in str(exc).lower():
+            tls = (", TLS handshake included: is this port a TLS port?" if cfg.tls else "")
+            raise RedisUnavailable(f"{where} did not accept the connection in time (redis."
+                                   f"connect_timeout {cfg.connect_timeout:g}s{tls})") from None
         raise RedisUnavailable(f"{where} did not answer in time "
-                               f"(connect_timeout {cfg.connect_timeout:g}s)") from None
+                               f"(redis.read_timeout {cfg.read_timeout:g}s)") from None
     except redis.exceptions.ConnectionError as exc:
-        raise RedisUnavailable(f"cannot connect to {where}: {exc}") from None
+        text = str(exc)
+        raise RedisUnavailable(f"cannot connect to {where}{_connection_hint(text)} "
+                               f"({text})") from None
     except redis.exceptions.ResponseError as exc:
         text = str(exc)
         if "without any password configured" in text:
