@@ -10,6 +10,7 @@ is overwritten by its next sync, a failed-over old master by the new one).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,8 @@ from backupd.errors import ConfigError, RedisUnavailable, RestoreError, StaleRep
 
 log = structlog.get_logger("backupd.discovery")
 
-_DOWN_FLAGS = {"s_down", "o_down", "disconnected"}
+_DOWN_FLAGS = {"s_down", "o_down"}
+_UNUSABLE_REPLICA = {"s_down", "o_down", "disconnected"}
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ def resolve(cfg: RedisConfig, env: Mapping[str, str] | None = None, *,
             f"{master.port} as master {view.name!r} (unreachable: "
             f"{', '.join(view.unreachable) or 'none'}): a restore needs a majority, since one "
             "into anything but the current master is lost; nothing was changed")
-    chosen = at(base, master.host, master.port, view.describe(), view.record())
+    chosen = at(base, master.host, master.port, view.describe(), view.record(), "master")
     if cfg.prefer == "replica" and not for_restore:
         replica = _healthy_replica(cfg, env, view, chosen)
         if replica is not None:
@@ -160,13 +162,14 @@ def _healthy_replica(cfg: RedisConfig, env: Mapping[str, str] | None, view: View
     except (redis.exceptions.RedisError, OSError) as exc:
         log.warning("sentinel_replicas_failed", sentinel=sentinel.where, error=str(exc))
         return None
-    candidates = [r for r in replicas if not set(r.get("flags", "").split(",")) & _DOWN_FLAGS
+    candidates = [r for r in replicas
+                  if not set(r.get("flags", "").split(",")) & _UNUSABLE_REPLICA
                   and r.get("master-link-status") == "ok"]
     candidates.sort(key=lambda r: -int(r.get("slave-repl-offset", 0)))
     for r in candidates:
         replica = at(master, r.get("ip", ""), int(r.get("port", 0)),
                      f"replica {r.get('ip')}:{r.get('port')} of {view.describe()}",
-                     view.record())
+                     view.record(), "slave")
         try:
             client = replica.client()
             try:
@@ -215,17 +218,22 @@ def check_replica(info: Mapping[str, Any], cfg: RedisConfig, where: str) -> None
                            f"than redis.replica_max_io_age {cfg.replica_max_io_age:g}s)")
 
 
+def require_hold_off(cfg: RedisConfig) -> None:
+    """Every restore method stops the master: under Sentinel that needs the hold-off."""
+    if cfg.sentinel.enabled and cfg.sentinel.failover_hold_off <= 0:
+        raise RestoreError(
+            "under Sentinel, stopping the master for a restore triggers a failover that "
+            "loses the restore; set redis.sentinel.failover_hold_off (e.g. \"15m\", longer "
+            "than the restore) so that backupd holds the failover off; nothing was changed")
+
+
 @contextlib.contextmanager
 def failover_held_off(cfg: RedisConfig, env: Mapping[str, str] | None) -> Iterator[None]:
     """Raise the master's down-after-milliseconds on every sentinel for the duration (a
     stopped master must not be failed over: the restore would be lost), and put each value
     back afterwards, whatever happens. Refuses when a sentinel cannot be reached."""
     s = cfg.sentinel
-    if s.failover_hold_off <= 0:
-        raise RestoreError(
-            "under Sentinel, stopping the master for a restore triggers a failover that "
-            "loses the restore; set redis.sentinel.failover_hold_off (e.g. \"15m\", longer "
-            "than the restore) so that backupd holds the failover off; nothing was changed")
+    require_hold_off(cfg)
     hold_ms = str(int(s.failover_hold_off * 1000))
     changed: list[tuple[Endpoint, int]] = []
     try:
@@ -255,11 +263,48 @@ def failover_held_off(cfg: RedisConfig, env: Mapping[str, str] | None) -> Iterat
                           fix=f"SENTINEL SET {s.master_name} down-after-milliseconds {before}")
 
 
-def replicas_of(cfg: RedisConfig, env: Mapping[str, str] | None,
-                master: Endpoint) -> list[Endpoint]:
-    """The replicas the sentinels know of the master (for checking them after a restore)."""
-    view = ask(cfg, env)
-    sentinel = next(s for s in sentinel_endpoints(cfg, env) if s.where == view.master.sentinel)
-    replies = [_pairs(r) for r in _sentinel_command(sentinel, "REPLICAS", view.name)]
-    return [at(master, r.get("ip", ""), int(r.get("port", 0))) for r in replies
-            if not set(r.get("flags", "").split(",")) & {"s_down", "o_down"}]
+def replicas_resynced(cfg: RedisConfig, env: Mapping[str, str] | None, master: Endpoint,
+                      keys: int, timeout: float) -> list[str]:
+    """After a restore: wait (bounded) until every replica the sentinels know is linked to the
+    master and holds `keys` keys (a replica that kept its old data would hand it back at the
+    next failover); one line per replica saying what was found."""
+    try:
+        view = ask(cfg, env)  # the master may still be flagged from its restart: any answer
+        sentinel = next(s for s in sentinel_endpoints(cfg, env)
+                        if s.where == view.answers[0].sentinel)
+        replies = [_pairs(r) for r in _sentinel_command(sentinel, "REPLICAS", view.name)]
+    except (redis.exceptions.RedisError, OSError, RedisUnavailable) as exc:
+        return [f"WARNING the replicas could not be listed ({exc}): check them yourself"]
+    deadline = time.monotonic() + timeout
+    lines = []
+    for reply in replies:
+        replica = at(master, reply.get("ip", ""), int(reply.get("port", 0)))
+        seen: dict[str, Any] = {}
+        while not _resynced(replica, keys, seen) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _resynced(replica, keys, seen):
+            lines.append(f"replica {replica.where} resynced to the restored data "
+                         f"({keys} keys, master_link_status:up)")
+        else:
+            lines.append(f"WARNING replica {replica.where} has not resynced within "
+                         f"{timeout:g}s (restore.start_timeout): {seen.get('keys', '?')} keys, "
+                         f"master_link_status:{seen.get('link', '?')}; it still holds other "
+                         "data and would bring it back at a failover")
+    return lines
+
+
+def _resynced(replica: Endpoint, keys: int, seen: dict[str, Any]) -> bool:
+    try:
+        client = replica.client()
+        try:
+            info: dict[str, Any] = client.info("replication")
+            seen["link"] = info.get("master_link_status", "?")
+            space: dict[str, Any] = client.info("keyspace")
+            seen["keys"] = sum(int(db.get("keys", 0)) for db in space.values()
+                               if isinstance(db, dict))
+        finally:
+            client.close()
+    except (redis.exceptions.RedisError, OSError) as exc:
+        seen["link"] = f"unreachable ({exc})"
+        return False
+    return bool(seen["link"] == "up" and seen["keys"] == keys)

@@ -40,6 +40,7 @@ class Endpoint:
     tls: ssl.SSLContext | None = None
     server_name: str | None = None  # the name checked against the certificate
     via: str = ""  # how it was found, for messages: "master mymaster via 3 sentinels"
+    expect_role: str = ""  # what the sentinels said it is: "master", "slave" or "" (unknown)
     sentinel: dict[str, Any] = field(default_factory=dict)  # the sentinels' view (manifest)
 
     @property
@@ -164,12 +165,12 @@ def direct(cfg: RedisConfig, env: Mapping[str, str] | None = None, *,
 
 
 def at(base: Endpoint, host: str, port: int, via: str = "",
-       view: dict[str, Any] | None = None) -> Endpoint:
+       view: dict[str, Any] | None = None, role: str = "") -> Endpoint:
     """The same credentials and TLS for another server (a master or replica named by Sentinel
     or by a replica's INFO)."""
     cfg = replace(base.cfg, host=host, port=port)
     name = base.cfg.tls_server_name or host if base.tls is not None else None
-    return replace(base, cfg=cfg, server_name=name, via=via,
+    return replace(base, cfg=cfg, server_name=name, via=via, expect_role=role,
                    sentinel=view if view is not None else base.sentinel)
 
 

@@ -101,6 +101,8 @@ class Manifest:
     warnings: list[str] = field(default_factory=list)
     upload: str = "none"
     keys_exact: bool = False  # keys counted from the RDB itself, not from INFO a moment later
+    replication: dict[str, Any] = field(default_factory=dict)  # role, link, lag (replicas)
+    sentinel: dict[str, Any] = field(default_factory=dict)  # the sentinels' view, if any
     format_version: int = FORMAT_VERSION
 
     @property
@@ -194,6 +196,12 @@ def parse(data: bytes, expected_id: str | None = None) -> Manifest:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise IntegrityError(f"{where}: field {key!r} is not a list of strings")
         str_lists[key] = value
+    for key in ("replication", "sentinel"):
+        value = raw.get(key, {})
+        if not isinstance(value, dict) or not all(
+                isinstance(v, str | int | float | bool) or v is None for v in value.values()):
+            raise IntegrityError(f"{where}: field {key!r} is not an object of plain values")
+        values[key] = value
     values.setdefault("tag", "")
     values.setdefault("trigger", "manual")
     values.setdefault("rdb_version", 0)

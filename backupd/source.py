@@ -30,13 +30,14 @@ import structlog
 
 from backupd import discovery, servers
 from backupd.config import RedisConfig
-from backupd.endpoint import Endpoint
+from backupd.endpoint import Endpoint, at
 from backupd.errors import (
     ConfigError,
     InsufficientSpace,
     RedisAuthError,
     RedisUnavailable,
     SnapshotError,
+    StaleReplica,
 )
 from backupd.manifest import RedisFacts
 
@@ -119,6 +120,49 @@ def redis_errors(cfg: RedisConfig, has_password: bool) -> Iterator[None]:
             raise RedisAuthError(f"{where}: a password is configured for backupd, but Redis "
                                  "has none for this user") from None
         raise SnapshotError(f"{where} answered with an error: {text}") from None
+
+
+def replication(client: redis.Redis, endpoint: Endpoint) -> tuple[dict[str, Any], list[str]]:
+    """The server's replication state for the manifest, and warnings. A replica that is not in
+    sync is refused (StaleReplica) unless redis.allow_stale_replica; a server that is not what
+    the sentinels said it is (a failover under way) is refused."""
+    cfg = endpoint.cfg
+    with redis_errors(cfg, True):
+        info: dict[str, Any] = client.info("replication")
+    role = str(info.get("role", ""))
+    if endpoint.expect_role and role != endpoint.expect_role:
+        raise RedisUnavailable(f"the sentinels name {endpoint.where} as "
+                               f"{endpoint.expect_role.replace('slave', 'replica')}, but it "
+                               f"reports role:{role} (a failover under way?); nothing was "
+                               "backed up, the next run asks the sentinels again")
+    if role != "slave":
+        return discovery.replication_facts(info, None), []
+    warnings = []
+    try:
+        discovery.check_replica(info, cfg, endpoint.where)
+    except StaleReplica as exc:
+        if not cfg.allow_stale_replica:
+            raise StaleReplica(f"{exc}; refused (redis.allow_stale_replica = false)") from None
+        warnings.append(f"backed up a replica that is not in sync: {exc}")
+    master_offset = None
+    if info.get("master_link_status") == "up":
+        master_offset = _master_offset(endpoint, str(info.get("master_host", "")),
+                                       int(info.get("master_port", 0)))
+    return discovery.replication_facts(info, master_offset), warnings
+
+
+def _master_offset(endpoint: Endpoint, host: str, port: int) -> int | None:
+    """The master's replication offset (to record a replica's lag); None when unreachable."""
+    master = at(endpoint, host, port)
+    try:
+        client = master.client()
+        try:
+            return int(client.info("replication").get("master_repl_offset", 0))
+        finally:
+            client.close()
+    except (redis.exceptions.RedisError, OSError, ValueError) as exc:
+        log.warning("master_offset_unknown", master=master.where, error=str(exc))
+        return None
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import filelock
 import structlog
 
-from backupd import __version__, checkpoints, source
+from backupd import __version__, checkpoints, discovery, source
 from backupd import manifest as mf
 from backupd.config import Config
 from backupd.errors import BusyError, IntegrityError, StorageError, UsageError
@@ -133,9 +133,11 @@ def run_backup(config: Config, *, trigger: str = "manual", tag: str = "",
     clean_leftovers(storage)
     existing = storage.list().manifests
     previous = existing[0] if existing else None
-    client = source.connect(config.redis, env)
+    endpoint = discovery.resolve(config.redis, env)
+    client = source.connect_endpoint(endpoint)
     try:
-        with source.follow_snapshot(client, config.redis, storage.dir) as snap:
+        replication, replica_warnings = source.replication(client, endpoint)
+        with source.follow_snapshot(client, endpoint.cfg, storage.dir) as snap:
             backup_id, moment = next_id(mf.now_utc(), previous)
             encrypted = bool(config.backup.age_recipients)
             name = mf.artifact_name(backup_id, config.backup.compression, encrypted)
@@ -157,8 +159,9 @@ def run_backup(config: Config, *, trigger: str = "manual", tag: str = "",
         encryption="age" if encrypted else "none", artifact=name,
         age_recipients=list(config.backup.age_recipients),
         duration_s=round(time.monotonic() - started, 3), backupd_version=__version__,
-        warnings=anomalies(keys, packed.raw.size, previous),
+        warnings=replica_warnings + anomalies(keys, packed.raw.size, previous),
         upload="pending" if config.s3.enabled else "none",
+        replication=replication, sentinel=endpoint.sentinel,
     )
     _check_stored(storage, manifest)
     checkpoints.reached("manifest")

@@ -46,7 +46,7 @@ from typing import NoReturn
 
 import structlog
 
-from backupd import checkpoints, source
+from backupd import checkpoints, discovery, source
 from backupd import manifest as mf
 from backupd.actions.backup import backup_lock
 from backupd.actions.restore.journal import (
@@ -121,6 +121,7 @@ class Context:
     link: RedisLink
     controller: Controller
     method: str
+    env: Mapping[str, str] | None = None
 
 
 def _context(config: Config, opts: Options, ui: Ui, env: Mapping[str, str] | None) -> Context:
@@ -128,7 +129,7 @@ def _context(config: Config, opts: Options, ui: Ui, env: Mapping[str, str] | Non
     link = RedisLink(config.redis, env)
     controller = make_controller(method, config.restore, answers=link.answers,
                                  connect=link.connect)
-    return Context(config, opts, ui, Path(config.redis.data_dir), link, controller, method)
+    return Context(config, opts, ui, Path(config.redis.data_dir), link, controller, method, env)
 
 
 def restore(config: Config, opts: Options, ui: Ui,
@@ -159,7 +160,8 @@ def restore(config: Config, opts: Options, ui: Ui,
                           ctx.controller, ctx.data_dir)
             if not opts.yes and not ui.confirm(prompt_text(ctx, selected, prepared)):
                 raise RestoreError("restore cancelled; nothing was changed")
-            _replace(ctx, selected, prepared, staged)
+            with _failover_held_off(ctx):
+                _replace(ctx, selected, prepared, staged)
         finally:
             remove_tree(staged.dir)
     return 0
@@ -174,8 +176,16 @@ class Prepared:
     space: int
 
 
+def _failover_held_off(ctx: Context) -> contextlib.AbstractContextManager[None]:
+    """Under Sentinel the master is stopped only while the sentinels hold a failover off."""
+    if not ctx.config.redis.sentinel.enabled:
+        return contextlib.nullcontext()
+    return discovery.failover_held_off(ctx.config.redis, ctx.env)
+
+
 def _prepare(ctx: Context, selected: Selected) -> Prepared:
     """Step 2 and every check that needs no download; nothing changes here."""
+    discovery.require_hold_off(ctx.config.redis)
     ctx.controller.check()
     target = inspect_target(ctx.link, ctx.controller, ctx.data_dir)
     check_target(target)
@@ -238,12 +248,16 @@ def _replace(ctx: Context, selected: Selected, prepared: Prepared, staged: Stage
             raise RestoreError(_not_back_text(ctx, run, selected, exc)) from None
         _fail(ctx, run, selected, exc)
     _finish(ctx, run, selected, loaded)
+    if ctx.config.redis.sentinel.enabled:
+        for line in discovery.replicas_resynced(ctx.config.redis, ctx.env, ctx.link.endpoint,
+                                                loaded.keys, ctx.config.restore.start_timeout):
+            ctx.ui.echo(line)
 
 
 def _safety_snapshot(ctx: Context) -> None:
     client = ctx.link.connect()
     try:
-        with source.snapshot(client, ctx.config.redis, ctx.data_dir) as snap:
+        with source.snapshot(client, ctx.link.cfg, ctx.data_dir) as snap:
             log.info("restore_step", step=4, what="pre-restore BGSAVE", path=str(snap.path),
                      size=snap.size)
     finally:
@@ -256,7 +270,7 @@ def _current_state(ctx: Context, target: Target) -> tuple[int | None, dict[str, 
     client = ctx.link.connect()
     try:
         with ctx.link.errors():
-            return source.server_info(client, ctx.config.redis).keys, read_config(
+            return source.server_info(client, ctx.link.cfg).keys, read_config(
                 client, target.aof)
     finally:
         client.close()

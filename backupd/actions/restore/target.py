@@ -12,7 +12,7 @@ from typing import Any
 import redis
 import structlog
 
-from backupd import servers, source
+from backupd import discovery, servers, source
 from backupd.config import RedisConfig
 from backupd.controllers.base import Controller, poll_until
 from backupd.errors import (
@@ -33,18 +33,22 @@ AOF_MANIFEST_SUFFIX = ".manifest"
 
 
 class RedisLink:
-    """Fresh connections to the target: Redis goes away and comes back during a restore."""
+    """Fresh connections to the target: Redis goes away and comes back during a restore.
+
+    The target is resolved once (under Sentinel: the master a majority of the sentinels
+    confirm) and then kept: reconnects go to the same server, never to a new master."""
 
     def __init__(self, cfg: RedisConfig, env: Mapping[str, str] | None = None) -> None:
-        self.cfg = cfg
+        self.endpoint = discovery.resolve(cfg, env, for_restore=True)
+        self.cfg = self.endpoint.cfg
         self.env = env
 
     @property
     def where(self) -> str:
-        return f"{self.cfg.host}:{self.cfg.port}"
+        return self.endpoint.where
 
     def connect(self) -> redis.Redis:
-        return source.connect(self.cfg, self.env)
+        return source.connect_endpoint(self.endpoint)
 
     def errors(self) -> contextlib.AbstractContextManager[None]:
         return source.redis_errors(self.cfg, True)
