@@ -219,6 +219,10 @@ def _persistence(client: redis.Redis) -> dict[str, Any]:
     return client.info("persistence")
 
 
+def _replication(client: redis.Redis) -> dict[str, Any]:
+    return client.info("replication")
+
+
 def _poll(deadline: float, what: str, done: Callable[[], bool]) -> None:
     delay = POLL_MIN
     while not done():
@@ -312,6 +316,14 @@ def _open_result(save: _Save) -> IO[bytes]:
     except FileNotFoundError:
         raise SnapshotError(f"Redis saved, but {save.dump} does not exist: is redis.data_dir "
                             "the Redis data volume?") from None
+    role = str(_replication(save.client).get("role", ""))
+    if role != save.at_save.facts.role:  # checked once the file is open: no rename after
+        fh.close()
+        raise SnapshotError(
+            f"Redis changed role during the snapshot (role:{save.at_save.facts.role} -> "
+            f"role:{role}: a failover?). A demoted master resyncs from the new one and that "
+            "data replaces its dump file; the backup was discarded so that it never mixes two "
+            "servers, and the next run backs up the server the configuration names then")
     if save.inode_before is not None and os.fstat(fh.fileno()).st_ino == save.inode_before:
         fh.close()
         raise SnapshotError(

@@ -4,8 +4,6 @@ and config overrides that say exactly what is wrong. Real servers throughout."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -167,28 +165,6 @@ def test_tls_to_a_plain_port_is_clear(
                         + tls_keys(ca))
     assert_failed(run_cli("-c", str(config), "backup"), 1, "redis.connect_timeout 3s",
                   "is this port a TLS port?")
-
-
-def test_tls_handshake_stall_is_bounded_by_connect_timeout(tmp_path: Path, ca: CA) -> None:
-    """A server that accepts TCP and never answers the TLS hello: connect_timeout, not a hang."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
-    accepted: list[socket.socket] = []
-    threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True).start()
-    port = listener.getsockname()[1]
-    try:
-        path = tmp_path / "c.toml"
-        path.write_text(f'[redis]\nhost = "127.0.0.1"\nport = {port}\n{tls_keys(ca)}\n'
-                        f'connect_timeout = "1s"\nread_timeout = "30s"\n'
-                        f'data_dir = "{tmp_path}/d"\n[backup]\ndir = "{tmp_path}/b"\n')
-        proc = run_cli("-c", str(path), "backup", timeout=20)
-        err = assert_failed(proc, 1, "redis.connect_timeout 1s")
-        assert "read_timeout" not in err
-    finally:
-        listener.close()
-        for conn in accepted:
-            conn.close()
 
 
 # -- unix socket ----------------------------------------------------------------------------------

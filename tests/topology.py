@@ -3,10 +3,12 @@ TLS-only server, a socket-only server, and a Sentinel setup (master, replica, 3 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
+import json
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import PASSWORD, REDIS_SERVER, RedisServer, free_port, wait_until
+from tests.conftest import PASSWORD, REDIS_SERVER, RedisServer, fill, free_port, wait_until
 
 MASTER_NAME = "mymaster"
 
@@ -221,6 +223,44 @@ class SentinelSetup:
         wait_until(lambda: new.client().info("replication")["role"] == "master", 30,
                    "the new master to report role:master")
         return new
+
+
+@contextlib.contextmanager
+def sentinel_topology(tmp_path: Path, redis_factory: Callable[..., RedisServer],
+                      keys: int = 400) -> Iterator[SentinelSetup]:
+    """A settled SentinelSetup with `keys` (+1) keys; the sentinels stopped afterwards (the
+    servers belong to redis_factory)."""
+    setup = sentinel_setup(tmp_path, redis_factory)
+    try:
+        fill(setup.master, keys)
+        setup.wait_settled()
+        yield setup
+    finally:
+        for sentinel in setup.sentinels:
+            sentinel.stop()
+
+
+def sentinel_config(tmp_path: Path, topo: SentinelSetup, redis_extra: str = "",
+                    extra: str = "") -> Path:
+    """A config that finds the master through the three sentinels (no host/port)."""
+    path = tmp_path / "config.toml"
+    path.write_text(f"""
+[redis]
+data_dir = "{topo.master.dir}"
+save_timeout = "60s"
+connect_timeout = "3s"
+read_timeout = "5s"
+{redis_extra}
+
+[redis.sentinel]
+hosts = {json.dumps(topo.hosts)}
+master_name = "{MASTER_NAME}"
+
+[backup]
+dir = "{tmp_path / 'backups'}"
+{extra}
+""")
+    return path
 
 
 def sentinel_setup(tmp_path: Path, redis_factory: Callable[..., RedisServer]) -> SentinelSetup:
