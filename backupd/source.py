@@ -182,8 +182,9 @@ def server_info(client: redis.Redis, cfg: RedisConfig) -> ServerInfo:
             if db.startswith("db") and db[2:].isdigit() and isinstance(stats, dict)}
     identity = servers.from_info(info)
     facts = RedisFacts(
-        version=identity.version, host=cfg.host, port=cfg.port,
-        role=str(info.get("role", "")), run_id=str(info.get("run_id", "")),
+        version=identity.version, host=cfg.socket or cfg.host,
+        port=0 if cfg.socket else cfg.port, role=str(info.get("role", "")),
+        run_id=str(info.get("run_id", "")),
         aof_enabled=bool(int(info.get("aof_enabled", 0))), server=identity.kind,
     )
     return ServerInfo(facts, keys, info)

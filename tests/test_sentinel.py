@@ -177,6 +177,29 @@ def test_restore_holds_the_failover_off_and_checks_the_replicas(
     assert down_after(topo) == [1000, 1000, 1000]  # put back
 
 
+def test_a_dry_run_shows_the_sentinel_plan(restorable: tuple[SentinelSetup, Path]) -> None:
+    topo, config = restorable
+    manifest = backup(config)
+    proc = run_cli("-c", str(config), "restore", manifest["id"], "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"sentinel master {MASTER_NAME} = 127.0.0.1:{topo.master.port} via 3 sentinels; " \
+           "failover held off" in proc.stdout
+    assert down_after(topo) == [1000, 1000, 1000]  # a dry run changes nothing
+
+
+def test_a_restore_into_a_replica_is_refused(tmp_path: Path, topo: SentinelSetup) -> None:
+    manifest = backup(direct_config(tmp_path, topo.master))
+    client = topo.master.client()
+    client.set("after-backup", "1")
+    client.close()
+    wait_until(lambda: count_keys(topo.replica) == 402, 10, "the replica to have the new key")
+    proc = run_cli("-c", str(direct_config(tmp_path, topo.replica)), "restore", manifest["id"],
+                   "--yes")
+    assert proc.returncode == 1
+    assert "the target Redis is a replica" in proc.stderr
+    assert count_keys(topo.replica) == 402
+
+
 def test_restore_refused_without_hold_off(restorable: tuple[SentinelSetup, Path]) -> None:
     topo, config = restorable
     manifest = backup(config)

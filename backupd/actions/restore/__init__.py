@@ -378,6 +378,10 @@ def plan_text(ctx: Context, selected: Selected, prepared: Prepared,
         + (f"{t.keys} keys, appendonly {'yes' if t.aof else 'no'}" if t.answers
            else "not answering") + f"; version check: {prepared.version_note}",
         f"  method   {ctx.controller.describe()}",
+        *([f"  sentinel {ctx.link.endpoint.via}; failover held off while Redis is stopped "
+           f"(down-after-milliseconds {ctx.config.redis.sentinel.failover_hold_off:g}s on every "
+           "sentinel, put back after); replicas checked for the restored data"]
+          if ctx.config.redis.sentinel.enabled else []),
         f"  space    {_mib(prepared.space)} needed in {ctx.data_dir}",
         "  steps",
         f"    1. stage into {ctx.data_dir}/{STAGING_PREFIX}{m.id}/: {files}; owner "
