@@ -228,10 +228,15 @@ def require_hold_off(cfg: RedisConfig) -> None:
 
 
 @contextlib.contextmanager
-def failover_held_off(cfg: RedisConfig, env: Mapping[str, str] | None) -> Iterator[None]:
+def failover_held_off(cfg: RedisConfig, env: Mapping[str, str] | None,
+                      settle: float) -> Iterator[None]:
     """Raise the master's down-after-milliseconds on every sentinel for the duration (a
     stopped master must not be failed over: the restore would be lost), and put each value
-    back afterwards, whatever happens. Refuses when a sentinel cannot be reached."""
+    back afterwards, whatever happens. Refuses when a sentinel cannot be reached.
+
+    Each value goes back only once that sentinel has had a fresh PING reply from the master
+    (waiting up to `settle` seconds): its last reply may date from before the restart, and
+    with the old value back it would declare the restored master down at once."""
     s = cfg.sentinel
     require_hold_off(cfg)
     hold_ms = str(int(s.failover_hold_off * 1000))
@@ -253,14 +258,33 @@ def failover_held_off(cfg: RedisConfig, env: Mapping[str, str] | None) -> Iterat
                  previous=[ms for _, ms in changed])
         yield
     finally:
+        deadline = time.monotonic() + settle
         for sentinel, before in changed:
             try:
+                _wait_fresh_reply(sentinel, s.master_name, before, deadline)
                 _sentinel_command(sentinel, "SET", s.master_name, "down-after-milliseconds",
                                   str(before))
             except (redis.exceptions.RedisError, OSError) as exc:
                 log.error("failover_hold_off_not_undone", sentinel=sentinel.where,
                           down_after_ms=before, error=str(exc),
                           fix=f"SENTINEL SET {s.master_name} down-after-milliseconds {before}")
+
+
+def _wait_fresh_reply(sentinel: Endpoint, name: str, down_after_ms: int,
+                      deadline: float) -> None:
+    """Until the sentinel's last PING reply from the master is well within `down_after_ms`."""
+    while True:
+        state = _pairs(_sentinel_command(sentinel, "MASTER", name))
+        flags = set(state.get("flags", "").split(","))
+        fresh = int(state.get("last-ok-ping-reply", down_after_ms)) < down_after_ms // 2
+        if fresh and not flags & (_DOWN_FLAGS | {"disconnected"}):
+            return
+        if time.monotonic() >= deadline:
+            log.warning("master_not_seen_by_sentinel", sentinel=sentinel.where,
+                        flags=",".join(sorted(flags)),
+                        last_ok_ping_reply_ms=state.get("last-ok-ping-reply"))
+            return
+        time.sleep(0.05)
 
 
 def replicas_resynced(cfg: RedisConfig, env: Mapping[str, str] | None, master: Endpoint,

@@ -129,7 +129,11 @@ def test_an_unknown_master_name_is_a_config_error(tmp_path: Path, topo: Sentinel
 
 def restore_section(server: RedisServer) -> str:
     pidfile = server.dir / f"redis-{server.port}.pid"
-    start = [sys.executable, str(CTL), "start", str(pidfile), "--", *server.argv()]
+    # Redis stays down for 3 s at least: without the hold-off (down-after 2 s), the sentinels
+    # would fail the master over to the healthy replica meanwhile.
+    slow = "import subprocess, sys, time; time.sleep(3); sys.exit(subprocess.call(sys.argv[1:]))"
+    start = [sys.executable, "-c", slow, sys.executable, str(CTL), "start", str(pidfile), "--",
+             *server.argv()]
     stop = [sys.executable, str(CTL), "stop", str(pidfile)]
     return (f'[restore]\nmethod = "command"\nstart_timeout = "30s"\n'
             f"stop_command = {json.dumps(stop)}\nstart_command = {json.dumps(start)}\n")
@@ -159,7 +163,7 @@ def restorable(tmp_path: Path, topo: SentinelSetup) -> Iterator[tuple[SentinelSe
                        timeout=30)
 
 
-def test_restore_holds_the_failover_off_and_checks_the_replicas(
+def test_restore_and_rollback_hold_the_failover_off_and_check_the_replicas(
         restorable: tuple[SentinelSetup, Path]) -> None:
     topo, config = restorable
     manifest = backup(config)
@@ -170,11 +174,17 @@ def test_restore_holds_the_failover_off_and_checks_the_replicas(
     wait_until(lambda: count_keys(topo.replica) == 451, 10, "the replica to have the new keys")
     proc = run_cli("-c", str(config), "restore", manifest["id"], "--yes", timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert '"event": "failover_held_off"' in proc.stderr
     assert f"replica 127.0.0.1:{topo.replica.port} resynced to the restored data (401 keys" \
         in proc.stdout
     assert count_keys(topo.master) == 401 and count_keys(topo.replica) == 401
     assert all(s.master()[1] == topo.master.port for s in topo.sentinels)  # no failover
-    assert down_after(topo) == [1000, 1000, 1000]  # put back
+    assert down_after(topo) == [2000, 2000, 2000]  # put back
+    rolled = run_cli("-c", str(config), "restore", "--rollback", "--yes", timeout=180)
+    assert rolled.returncode == 0, rolled.stderr[-4000:]
+    assert count_keys(topo.master) == 451
+    assert all(s.master()[1] == topo.master.port for s in topo.sentinels)
+    assert down_after(topo) == [2000, 2000, 2000]
 
 
 def test_a_dry_run_shows_the_sentinel_plan(restorable: tuple[SentinelSetup, Path]) -> None:
@@ -184,7 +194,7 @@ def test_a_dry_run_shows_the_sentinel_plan(restorable: tuple[SentinelSetup, Path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"sentinel master {MASTER_NAME} = 127.0.0.1:{topo.master.port} via 3 sentinels; " \
            "failover held off" in proc.stdout
-    assert down_after(topo) == [1000, 1000, 1000]  # a dry run changes nothing
+    assert down_after(topo) == [2000, 2000, 2000]  # a dry run changes nothing
 
 
 def test_a_restore_into_a_replica_is_refused(tmp_path: Path, topo: SentinelSetup) -> None:

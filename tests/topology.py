@@ -138,7 +138,7 @@ class Sentinel:
     dir: Path
     port: int
     master_port: int
-    down_after_ms: int = 1000
+    down_after_ms: int = 2000
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:

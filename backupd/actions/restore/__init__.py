@@ -180,7 +180,8 @@ def _failover_held_off(ctx: Context) -> contextlib.AbstractContextManager[None]:
     """Under Sentinel the master is stopped only while the sentinels hold a failover off."""
     if not ctx.config.redis.sentinel.enabled:
         return contextlib.nullcontext()
-    return discovery.failover_held_off(ctx.config.redis, ctx.env)
+    return discovery.failover_held_off(ctx.config.redis, ctx.env,
+                                       ctx.config.restore.start_timeout)
 
 
 def _prepare(ctx: Context, selected: Selected) -> Prepared:
@@ -433,7 +434,8 @@ def rollback(config: Config, opts: Options, ui: Ui,
         aof = len(journal.entries) > 1  # the RDB, plus the AOF dir when AOF was on
         run = Run(ctx.link, ctx.controller, config.restore, config.redis.save_timeout,
                   ctx.data_dir, pre, journal, aof)
-        result = roll_back(run, opts.start)
+        with _failover_held_off(ctx):
+            result = roll_back(run, opts.start)
     where = (f"Redis at {ctx.link.where} answers with {result.keys} keys" if result.started
              else "Redis is not running (it was not before the restore; --start starts it)")
     ui.echo(f"rolled back the restore of backup {journal.backup_id}: the previous files are "
