@@ -116,6 +116,26 @@ def test_prefer_replica_backs_up_a_healthy_replica(tmp_path: Path, topo: Sentine
     assert manifest["replication"]["master_link_status"] == "up"
 
 
+def test_sentinels_with_their_own_password(tmp_path: Path,
+                                           redis_factory: Callable[..., RedisServer]) -> None:
+    secret = "sentinel-Secret-pw-0815"
+    with sentinel_topology(tmp_path, redis_factory, password=secret) as topo:
+        config = sentinel_config(tmp_path, topo, extra="")
+        text = config.read_text().replace(f'master_name = "{MASTER_NAME}"',
+                                          f'master_name = "{MASTER_NAME}"\n'
+                                          'password_env = "SENTINEL_PASSWORD"')
+        config.write_text(text)
+        refused = run_cli("-c", str(config), "backup")
+        assert refused.returncode == 1
+        assert "no sentinel answered" in refused.stderr
+        assert "redis.sentinel.username/password_env/password_file" in refused.stderr
+        wrong = run_cli("-c", str(config), "backup", env={"SENTINEL_PASSWORD": "wrong-pw"})
+        assert wrong.returncode == 1 and "wrong-pw" not in wrong.stderr + wrong.stdout
+        manifest = backup(config, env={"SENTINEL_PASSWORD": secret})
+        assert manifest["sentinel"]["agreeing"] == 3
+        assert secret not in json.dumps(manifest)
+
+
 def test_an_unknown_master_name_is_a_config_error(tmp_path: Path, topo: SentinelSetup) -> None:
     config = sentinel_config(tmp_path, topo)
     proc = run_cli("-c", str(config), "backup",

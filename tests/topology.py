@@ -139,6 +139,7 @@ class Sentinel:
     port: int
     master_port: int
     down_after_ms: int = 2000
+    password: str | None = None  # the sentinel's own requirepass
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -151,13 +152,16 @@ class Sentinel:
                 f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master_port} 2\n"
                 f"sentinel auth-pass {MASTER_NAME} {PASSWORD}\n"
                 f"sentinel down-after-milliseconds {MASTER_NAME} {self.down_after_ms}\n"
-                f"sentinel failover-timeout {MASTER_NAME} 10000\n")
+                f"sentinel failover-timeout {MASTER_NAME} 10000\n"
+                + (f"requirepass {self.password}\nsentinel sentinel-pass {self.password}\n"
+                   if self.password else ""))
         self.proc = subprocess.Popen([REDIS_SERVER, str(conf), "--sentinel"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self.answers, 10, f"sentinel on port {self.port}")
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, decode_responses=True, socket_timeout=5, protocol=2)
+        return redis.Redis(port=self.port, password=self.password, decode_responses=True,
+                           socket_timeout=5, protocol=2)
 
     def answers(self) -> bool:
         try:
@@ -227,10 +231,10 @@ class SentinelSetup:
 
 @contextlib.contextmanager
 def sentinel_topology(tmp_path: Path, redis_factory: Callable[..., RedisServer],
-                      keys: int = 400) -> Iterator[SentinelSetup]:
+                      keys: int = 400, password: str | None = None) -> Iterator[SentinelSetup]:
     """A settled SentinelSetup with `keys` (+1) keys; the sentinels stopped afterwards (the
-    servers belong to redis_factory)."""
-    setup = sentinel_setup(tmp_path, redis_factory)
+    servers belong to redis_factory). `password`: the sentinels' own requirepass."""
+    setup = sentinel_setup(tmp_path, redis_factory, password)
     try:
         fill(setup.master, keys)
         setup.wait_settled()
@@ -263,7 +267,8 @@ dir = "{tmp_path / 'backups'}"
     return path
 
 
-def sentinel_setup(tmp_path: Path, redis_factory: Callable[..., RedisServer]) -> SentinelSetup:
+def sentinel_setup(tmp_path: Path, redis_factory: Callable[..., RedisServer],
+                   password: str | None = None) -> SentinelSetup:
     shared = tmp_path / "data"
     common = ("--masterauth", PASSWORD, "--repl-diskless-sync", "no")
     master = redis_factory(*common, "--dbfilename", "master.rdb")
@@ -272,7 +277,8 @@ def sentinel_setup(tmp_path: Path, redis_factory: Callable[..., RedisServer]) ->
     assert master.dir == replica.dir == shared
     sentinels = []
     for i in range(3):
-        sentinel = Sentinel(tmp_path / f"sentinel{i}", free_port(), master.port)
+        sentinel = Sentinel(tmp_path / f"sentinel{i}", free_port(), master.port,
+                            password=password)
         sentinel.start()
         sentinels.append(sentinel)
     return SentinelSetup(master, replica, sentinels)
