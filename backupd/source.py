@@ -74,7 +74,6 @@ _TLS_HINTS = (
                                   "redis.tls_server_name (the name in it)"),
     ("certificate required", "the server requires a client certificate: set "
                              "redis.tls_cert_file and redis.tls_key_file"),
-    ("wrong_version_number", "the server does not speak TLS on this port (redis.tls = true)"),
     ("eof occurred in violation of protocol", "the server closed the TLS connection: does it "
                                               "require a client certificate (redis.tls_cert_file "
                                               "and redis.tls_key_file)?"),
