@@ -116,6 +116,17 @@ def test_prefer_replica_backs_up_a_healthy_replica(tmp_path: Path, topo: Sentine
     assert manifest["replication"]["master_link_status"] == "up"
 
 
+def test_prefer_replica_falls_back_to_the_master_without_a_healthy_one(
+        tmp_path: Path, topo: SentinelSetup) -> None:
+    topo.replica.stop()
+    proc = run_cli("-c", str(sentinel_config(tmp_path, topo, 'prefer = "replica"')), "backup")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '"event": "no_healthy_replica"' in proc.stderr
+    manifest = json.loads((tmp_path / "backups" / f"{last_line(proc.stdout)}.json").read_text())
+    assert manifest["redis"]["port"] == topo.master.port
+    assert manifest["replication"]["role"] == "master"
+
+
 def test_sentinels_with_their_own_password(tmp_path: Path,
                                            redis_factory: Callable[..., RedisServer]) -> None:
     secret = "sentinel-Secret-pw-0815"
