@@ -13,8 +13,16 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PASSWORD, RedisServer, last_line, run_cli, wait_until
-from tests.topology import MASTER_NAME, SentinelSetup, sentinel_config, sentinel_topology
+from tests.conftest import PASSWORD, RedisServer, fill, last_line, run_cli, wait_until
+from tests.topology import (
+    CA,
+    MASTER_NAME,
+    SentinelSetup,
+    sentinel_config,
+    sentinel_topology,
+    stop_all,
+    tls_sentinel_setup,
+)
 
 CTL = Path(__file__).with_name("restore_redisctl.py")
 
@@ -145,6 +153,24 @@ def test_sentinels_with_their_own_password(tmp_path: Path,
         manifest = backup(config, env={"SENTINEL_PASSWORD": secret})
         assert manifest["sentinel"]["agreeing"] == 3
         assert secret not in json.dumps(manifest)
+
+
+def test_sentinels_and_servers_over_tls(tmp_path: Path) -> None:
+    ca = CA(tmp_path / "pki")
+    topo = tls_sentinel_setup(tmp_path, ca)
+    try:
+        fill(topo.master, 200)
+        topo.wait_settled()
+        config = sentinel_config(tmp_path, topo, f'tls = true\ntls_ca_file = "{ca.pem.cert}"')
+        config.write_text(config.read_text().replace(
+            f'master_name = "{MASTER_NAME}"', f'master_name = "{MASTER_NAME}"\ntls = true'))
+        manifest = backup(config)
+        assert manifest["sentinel"]["agreeing"] == 3
+        assert manifest["redis"]["port"] == topo.master.port and manifest["keys"] == 201
+        check = run_cli("-c", str(config), "config", "check")
+        assert "via 3 sentinels (TLS, certificate checked for '127.0.0.1')" in check.stdout
+    finally:
+        stop_all(topo)
 
 
 def test_an_unknown_master_name_is_a_config_error(tmp_path: Path, topo: SentinelSetup) -> None:

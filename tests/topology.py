@@ -140,6 +140,7 @@ class Sentinel:
     master_port: int
     down_after_ms: int = 2000
     password: str | None = None  # the sentinel's own requirepass
+    tls: tuple[CA, Pem] | None = None  # TLS only, also to the servers (tls-replication)
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -147,7 +148,11 @@ class Sentinel:
         conf = self.dir / "sentinel.conf"
         if not conf.exists():  # a restarted sentinel keeps what it learnt (it rewrites it)
             conf.write_text(
-                f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                (f"port {self.port}\n" if self.tls is None else
+                 f"port 0\ntls-port {self.port}\ntls-replication yes\n"
+                 f"tls-auth-clients no\ntls-cert-file {self.tls[1].cert}\n"
+                 f"tls-key-file {self.tls[1].key}\ntls-ca-cert-file {self.tls[0].pem.cert}\n")
+                + f"bind 127.0.0.1\ndir {self.dir}\n"
                 f"logfile {self.dir / 'sentinel.log'}\n"
                 f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master_port} 2\n"
                 f"sentinel auth-pass {MASTER_NAME} {PASSWORD}\n"
@@ -161,7 +166,8 @@ class Sentinel:
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, password=self.password, decode_responses=True,
-                           socket_timeout=5, protocol=2)
+                           socket_timeout=5, protocol=2, ssl=self.tls is not None,
+                           ssl_cert_reqs="none")
 
     def answers(self) -> bool:
         try:
@@ -265,6 +271,39 @@ dir = "{tmp_path / 'backups'}"
 {extra}
 """)
     return path
+
+
+def tls_sentinel_setup(tmp_path: Path, ca: CA) -> SentinelSetup:
+    """SentinelSetup on TLS only: master, replica (tls-replication) and sentinels; the caller
+    starts nothing more and stops everything (stop_all)."""
+    shared = tmp_path / "data"
+    shared.mkdir()
+    pem = ca.issue("localhost")
+    servers = []
+    master_port = free_port()
+    for name, port, extra in (("master", master_port, []),
+                              ("replica", free_port(),
+                               ["--replicaof", "127.0.0.1", str(master_port)])):
+        server = TLSServer(shared, port, PASSWORD, [
+            *tls_options(ca, pem, port, auth_clients=False), "--tls-replication", "yes",
+            "--masterauth", PASSWORD, "--dbfilename", f"{name}.rdb", *extra])
+        server.ca = ca
+        server.start()
+        servers.append(server)
+    sentinels = []
+    for i in range(3):
+        sentinel = Sentinel(tmp_path / f"sentinel{i}", free_port(), master_port,
+                            tls=(ca, pem))
+        sentinel.start()
+        sentinels.append(sentinel)
+    return SentinelSetup(servers[0], servers[1], sentinels)
+
+
+def stop_all(setup: SentinelSetup) -> None:
+    for sentinel in setup.sentinels:
+        sentinel.stop()
+    setup.replica.stop()
+    setup.master.stop()
 
 
 def sentinel_setup(tmp_path: Path, redis_factory: Callable[..., RedisServer],
