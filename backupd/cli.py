@@ -378,17 +378,51 @@ def health_cmd(state: State) -> None:
 @click.option("--rollback", is_flag=True,
               help="Put back the data from before the last restore (also after an "
                    "interrupted restore).")
+@click.option("--to-time", metavar="TIMESTAMP",
+              help="The newest backup at or before this time (as --before, until "
+                   "point-in-time recovery exists).")
+@click.option("--keys", "patterns", multiple=True, metavar="PATTERN",
+              help="Restore only the keys matching this glob (repeatable) into the running "
+                   "server, with RESTORE ... ABSTTL: no restart.")
+@click.option("--db", type=click.IntRange(0), default=None,
+              help="With --keys: only this database (default: every database of the backup).")
+@click.option("--into", type=click.Choice(["live"]), default="live", show_default=True,
+              help="With --keys: where the keys go (the running server of [redis]).")
+@click.option("--conflict", type=click.Choice(["skip", "replace", "fail"]), default="skip",
+              show_default=True,
+              help="With --keys, for keys the live server has: skip them (never overwrite), "
+                   "replace them (their values go into the undo record), or fail before "
+                   "writing anything.")
+@click.option("--undo-keys", "undo_run", metavar="RUN",
+              help="Undo the selective restore RUN: put back the values it replaced and "
+                   "delete the keys it created.")
 @pass_state
 @handle_errors
 def restore(state: State, backup_id: str, from_: str | None, before: str | None,
             identity_file: str | None, dry_run: bool, yes: bool, method: str | None,
-            start: bool, rollback: bool) -> None:
-    """Replace Redis's data with a backup: verified, AOF-aware, with a safety copy."""
+            start: bool, rollback: bool, to_time: str | None = None,
+            patterns: tuple[str, ...] = (), db: int | None = None, into: str = "live",
+            conflict: str = "skip", undo_run: str | None = None) -> None:
+    """Replace Redis's data with a backup: verified, AOF-aware, with a safety copy.
+
+    With --keys, put back only the matching keys into the running server (see README
+    "Restoring a few keys")."""
     from backupd.actions import restore as action
+    from backupd.actions.restore import selective
     from backupd.actions.restore.options import Options, Ui
     from backupd.errors import UsageError
     from backupd.manifest import parse_time
 
+    if to_time and before:
+        raise UsageError("give --to-time or --before, not both")
+    before = before or to_time
+    if (patterns or undo_run) and (rollback or method or start):
+        raise UsageError("--keys and --undo-keys take no --rollback, --method or --start "
+                         "(nothing is stopped)")
+    if undo_run and (patterns or backup_id != "latest" or before or dry_run):
+        raise UsageError("--undo-keys takes only the run id (and --yes)")
+    if not patterns and (db is not None or conflict != "skip"):
+        raise UsageError("--db and --conflict go with --keys")
     if rollback and (backup_id != "latest" or before or from_ or dry_run or identity_file):
         raise UsageError("--rollback takes no backup ID, --before, --from, --identity-file "
                          "or --dry-run")
@@ -400,6 +434,11 @@ def restore(state: State, backup_id: str, from_: str | None, before: str | None,
             confirm=lambda text: click.confirm(text, default=False, err=True),
             interactive=sys.stdin.isatty(), progress=sys.stderr.isatty())
     cfg = state.config()
+    if undo_run:
+        sys.exit(selective.undo(cfg, undo_run, yes, ui))
+    if patterns:
+        sys.exit(selective.restore_keys(cfg, opts, selective.KeysOptions(patterns, db, conflict),
+                                        ui))
     sys.exit(action.rollback(cfg, opts, ui) if rollback else action.restore(cfg, opts, ui))
 
 
