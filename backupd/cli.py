@@ -442,6 +442,54 @@ def restore(state: State, backup_id: str, from_: str | None, before: str | None,
     sys.exit(action.rollback(cfg, opts, ui) if rollback else action.restore(cfg, opts, ui))
 
 
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("a", metavar="[A]", required=False, default="latest")
+@click.argument("b", metavar="[B|live]", required=False, default="live")
+@click.option("--keys", "patterns", multiple=True, metavar="PATTERN",
+              help="Compare only keys matching this glob (repeatable; default all).")
+@click.option("--db", type=click.IntRange(0), default=None, help="Only this database.")
+@click.option("--list", "list_names", is_flag=True, help="Also name every key that differs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--identity-file", type=click.Path(dir_okay=False),
+              help="age identity file, to decrypt encrypted backups.")
+@click.option("--from", "from_", type=click.Choice(["local", "s3"]), default=None,
+              help="Where to read the backups (default: local if there, else s3).")
+@pass_state
+@handle_errors
+def diff(state: State, a: str, b: str, patterns: tuple[str, ...], db: int | None,
+         list_names: bool, as_json: bool, identity_file: str | None,
+         from_: str | None) -> None:
+    """Keys only in A, only in B, changed (type, value, TTL class), per prefix: two backups
+    (IDs or latest), or a backup and the live server (default: latest vs live)."""
+    from backupd.actions import diff as action
+
+    opts = action.DiffOptions(a, b, patterns or ("*",), db, list_names, identity_file, from_)
+    report = action.diff(state.config(), opts, sys.stderr.isatty())
+    click.echo(json.dumps(action.as_json(report), indent=2) if as_json else action.text(report))
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("backup_id", metavar="[ID|latest]", required=False, default="latest")
+@click.option("--keys", "patterns", multiple=True, metavar="PATTERN",
+              help="Only keys matching this glob (repeatable; default all).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--identity-file", type=click.Path(dir_okay=False),
+              help="age identity file, to decrypt an encrypted backup.")
+@click.option("--from", "from_", type=click.Choice(["local", "s3"]), default=None,
+              help="Where to read the backup (default: local if there, else s3).")
+@pass_state
+@handle_errors
+def inspect(state: State, backup_id: str, patterns: tuple[str, ...], as_json: bool,
+            identity_file: str | None, from_: str | None) -> None:
+    """What a backup holds per prefix: key count, types, TTLs and memory, read from a
+    throwaway redis-server (never production)."""
+    from backupd.actions import inspect as action
+
+    result = action.inspect(state.config(), backup_id, patterns or ("*",), identity_file, from_,
+                            sys.stderr.isatty())
+    click.echo(json.dumps(result.as_json(), indent=2) if as_json else action.text(result))
+
+
 def _verify_drill(state: State, backup_id: str, all_: bool, identity_file: str | None,
                   location: str) -> None:
     """`verify --drill`: restore into a throwaway redis-server; exit 3 on a key mismatch,

@@ -172,6 +172,14 @@ class VerifyConfig:
 
 
 @dataclass(frozen=True)
+class KeysConfig:
+    """How `diff` and `inspect` group keys into prefixes."""
+
+    separator: str = ":"
+    prefix_depth: int = 0  # 0: everything before the last separator; N: the first N parts
+
+
+@dataclass(frozen=True)
 class ScheduleConfig:
     cron: str = "0 * * * *"
     every: float | None = _duration("", optional=True)
@@ -212,6 +220,7 @@ class Config:
     s3: S3Config = field(default_factory=S3Config)
     restore: RestoreConfig = field(default_factory=RestoreConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
