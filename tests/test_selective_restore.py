@@ -150,3 +150,42 @@ def test_undo_of_an_unknown_run_is_a_usage_error(seeded: tuple[Path, redis.Redis
     assert proc.returncode == 2 and "no undo record" in proc.stderr
     proc = run_cli("-c", str(config), "restore", "--undo-keys", "../etc", "--yes")
     assert proc.returncode == 2 and "not a selective-restore run id" in proc.stderr
+
+
+def test_without_a_terminal_it_needs_yes(seeded: tuple[Path, redis.Redis, str]) -> None:
+    config, client, _ = seeded
+    client.delete("oauth:client:c1")
+    proc = run_cli("-c", str(config), "restore", "--keys", "oauth:client:*")
+    assert proc.returncode == 2 and "pass --yes" in proc.stderr
+    assert not client.exists("oauth:client:c1")
+
+
+def test_a_target_that_refuses_restore_says_how_to_undo(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    client = redis.Redis(port=redis_server.port, password=redis_server.password)
+    seed(client)
+    config = write_config(tmp_path / "config.toml", redis_server, tmp_path / "backups")
+    backup(config)
+    client.delete("oauth:client:c1", "oauth:client:c2")
+    client.acl_setuser("restorer", enabled=True, passwords=["+restorer-pw"], keys=["*"],
+                       commands=["+@all", "-restore"])
+    config.write_text(config.read_text().replace('[redis]\n', '[redis]\nusername = "restorer"\n'))
+    proc = run_cli("-c", str(config), "restore", "--keys", "oauth:client:*", "--yes",
+                   password="restorer-pw")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "the target refused 2 keys" in proc.stderr and "--undo-keys" in proc.stderr
+    assert not client.exists("oauth:client:c1")
+
+
+def test_a_damaged_undo_record_is_refused(seeded: tuple[Path, redis.Redis, str]) -> None:
+    config, client, _ = seeded
+    client.set("oauth:client:c5", "changed")
+    proc = run_cli("-c", str(config), "restore", "--keys", "oauth:client:c5",
+                   "--conflict", "replace", "--yes")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = undo_run(proc.stdout)
+    path = config.parent / "backups" / ".backupd-undo" / f"{run}.jsonl"
+    path.write_text(path.read_text().splitlines()[0] + "\n{broken\n")
+    proc = run_cli("-c", str(config), "restore", "--undo-keys", run, "--yes")
+    assert proc.returncode == 1 and "line 2 is damaged" in proc.stderr
+    assert client.get("oauth:client:c5") != b"changed"
