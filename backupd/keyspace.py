@@ -31,8 +31,9 @@ def bytes_client(client: redis.Redis, db: int) -> redis.Redis:
     that returns bytes: DUMP payloads are binary."""
     pool = client.connection_pool
     kwargs = {**pool.connection_kwargs, "db": db, "decode_responses": False}
-    return redis.Redis(connection_pool=redis.ConnectionPool(
-        connection_class=pool.connection_class, **kwargs))
+    # from_pool: close() also disconnects the pool
+    return redis.Redis.from_pool(redis.ConnectionPool(connection_class=pool.connection_class,
+                                                      **kwargs))
 
 
 def databases(info: dict[str, Any], only: int | None) -> list[int]:

@@ -120,3 +120,17 @@ def test_diff_counts_per_prefix_and_inspect_shows_the_schema(
     assert prefixes["db0 oauth:state:"]["ttl"] == {"<5m": 5}
     assert prefixes["db0 oauth:user_tokens:"]["types"] == {"set": 10}
     assert prefixes["db0 oauth:client:"]["memory"] > 0
+
+
+def test_diff_and_inspect_without_a_throwaway_server_fail_clearly(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    client = redis.Redis(port=redis_server.port, password=redis_server.password)
+    seed(client)
+    config = write_config(tmp_path / "config.toml", redis_server, tmp_path / "backups")
+    backup(config)
+    config.write_text(config.read_text() + '\n[verify]\nredis_server = "/nonexistent/redis"\n')
+    for args in (("diff",), ("inspect",)):
+        proc = run_cli("-c", str(config), *args)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "not an executable" in proc.stderr
+    assert not [p for p in (tmp_path / "backups").iterdir() if p.name.startswith(".backupd-keys")]
