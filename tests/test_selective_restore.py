@@ -189,3 +189,19 @@ def test_a_damaged_undo_record_is_refused(seeded: tuple[Path, redis.Redis, str])
     proc = run_cli("-c", str(config), "restore", "--undo-keys", run, "--yes")
     assert proc.returncode == 1 and "line 2 is damaged" in proc.stderr
     assert client.get("oauth:client:c5") != b"changed"
+
+
+def test_db_selects_one_database(tmp_path: Path, redis_server: RedisServer) -> None:
+    zero = redis.Redis(port=redis_server.port, password=redis_server.password)
+    one = redis.Redis(port=redis_server.port, password=redis_server.password, db=1)
+    seed(zero)
+    seed(one)
+    config = write_config(tmp_path / "config.toml", redis_server, tmp_path / "backups")
+    backup(config)
+    zero.delete("oauth:client:c1")
+    one.delete("oauth:client:c1")
+    proc = run_cli("-c", str(config), "restore", "--keys", "oauth:client:*", "--db", "1",
+                   "--yes")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert one.exists("oauth:client:c1") and not zero.exists("oauth:client:c1")
+    assert "db 1 oauth:client:*: restore 1" in proc.stdout and "db 0" not in proc.stdout
