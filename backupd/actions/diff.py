@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 
-from backupd import keyspace, source
+from backupd import discovery, keyspace, source
 from backupd.actions.restore.loaded import open_backup
 from backupd.actions.restore.staging import identities_for, select_backup
 from backupd.config import Config
@@ -161,9 +161,10 @@ def _side(cfg: Config, selector: str, opts: DiffOptions, progress: bool,
           env: Mapping[str, str] | None) -> Iterator[tuple[str, redis.Redis, dict[str, Any]]]:
     """(label, client, INFO) of a backup in a throwaway server, or of the live server."""
     if selector == "live":
-        client = source.connect(cfg.redis, env)
+        endpoint = discovery.resolve(cfg.redis, env)
+        client = source.connect_endpoint(endpoint)
         try:
-            yield f"live {cfg.redis.host}:{cfg.redis.port}", client, client.info("keyspace")
+            yield f"live {endpoint.where}", client, client.info("keyspace")
         finally:
             client.close()
         return

@@ -22,7 +22,7 @@ from typing import Any
 import redis
 import structlog
 
-from backupd import keyspace, servers, source
+from backupd import discovery, keyspace, servers, source
 from backupd import manifest as mf
 from backupd.actions.restore import undo_keys
 from backupd.actions.restore.loaded import Loaded, open_backup, throwaway_identity
@@ -93,7 +93,8 @@ def restore_keys(config: Config, opts: Options, keys: KeysOptions, ui: Ui,
         raise UsageError(f"--conflict must be one of {', '.join(CONFLICTS)}")
     selected = select_backup(config, opts.selector, opts.before, opts.source, env)
     identities = identities_for(selected.manifest, opts.identity_file)
-    live = source.connect(config.redis, env)
+    endpoint = discovery.resolve(config.redis, env, for_restore=True)  # the master: it writes
+    live = source.connect_endpoint(endpoint)
     try:
         with _redis_errors("the connection to the target Redis"):
             target = servers.from_info(live.info("server"))
@@ -111,11 +112,11 @@ def restore_keys(config: Config, opts: Options, keys: KeysOptions, ui: Ui,
                 ui.echo("nothing to restore")
                 return 0
             question = (f"Write {total} keys from backup {selected.manifest.id} into the live "
-                        f"Redis at {config.redis.host}:{config.redis.port} ("
+                        f"Redis at {endpoint.where} ("
                         f"{sum(len(r.replace) for r in rows)} replacing live values)?")
             if not opts.yes and not ui.confirm(question):
                 raise RestoreError("selective restore cancelled; nothing was changed")
-            run = _write(config, loaded, live, rows, ui)
+            run = _write(config, endpoint.where, loaded, live, rows, ui)
     finally:
         live.close()
     ui.echo(result_text(selected, rows, loaded.expired_at_load, run))
@@ -181,13 +182,13 @@ def _check_conflicts(rows: Sequence[Row], conflict: str) -> None:
                            "Use --conflict skip or replace")
 
 
-def _write(config: Config, loaded: Loaded, live: redis.Redis, rows: Sequence[Row],
+def _write(config: Config, where: str, loaded: Loaded, live: redis.Redis, rows: Sequence[Row],
            ui: Ui) -> str:
     """Undo record first (the values to be replaced), then RESTORE in pipelined batches."""
     run = mf.new_id(mf.now_utc())
     path = undo_keys.undo_path(Path(config.backup.dir), run)
     header = {"run": run, "backup": loaded.selected.manifest.id,
-              "target": f"{config.redis.host}:{config.redis.port}",
+              "target": where,
               "created_at": mf.format_time(mf.now_utc())}
     undo_keys.write(path, header, _live_values(live, rows))
     log.info("selective_restore_undo_written", run=run, path=str(path))
@@ -302,13 +303,14 @@ def undo(config: Config, run: str, yes: bool, ui: Ui, env: Mapping[str, str] | N
     if not (yes or ui.interactive):
         raise UsageError("--undo-keys writes into the live Redis and there is no terminal to "
                          "confirm on: pass --yes")
+    endpoint = discovery.resolve(config.redis, env, for_restore=True)
     question = (f"Undo the selective restore {run} (backup {header.get('backup')}, "
-                f"{header.get('created_at')}) in the live Redis at {config.redis.host}:"
-                f"{config.redis.port}: put back the values it replaced, delete the keys it "
-                "created?")
+                f"{header.get('created_at')}, written into {header.get('target')}) in the live "
+                f"Redis at {endpoint.where}: put back the values it replaced, delete the keys "
+                "it created?")
     if not yes and not ui.confirm(question):
         raise RestoreError("undo cancelled; nothing was changed")
-    live = source.connect(config.redis, env)
+    live = source.connect_endpoint(endpoint)
     counts = {"put": 0, "del": 0, "expired": 0}
     clients: dict[int, redis.Redis] = {}
     try:
