@@ -271,7 +271,7 @@ class Daemon:
 
 def _newest_local(directory: Path) -> mf.Manifest | None:
     try:
-        manifests = LocalStorage(directory).list().manifests
+        manifests = LocalStorage(directory).listing().manifests
     except BackupdError as exc:
         log.warning("backups_not_listed", error=str(exc))
         return None

@@ -16,12 +16,13 @@ from typing import Any
 
 from backupd import servers
 from backupd.errors import IntegrityError, UsageError
+from backupd.storage.layout import COMPRESSION_EXT as COMPRESSION_EXT
+from backupd.storage.layout import artifact_name as artifact_name
+from backupd.storage.layout import check_id as check_id
+from backupd.storage.layout import is_valid_id as is_valid_id
 
 FORMAT_VERSION = 1
-ID_PATTERN = r"\d{8}T\d{6}Z-[0-9a-f]{6}"
-ID_RE = re.compile(rf"^{ID_PATTERN}$")
 _ID_TIME = "%Y%m%dT%H%M%SZ"
-COMPRESSION_EXT = {"zstd": ".zst", "gzip": ".gz", "none": ""}
 MAX_MANIFEST_BYTES = 1024 * 1024
 
 
@@ -30,23 +31,8 @@ def new_id(now: datetime) -> str:
     return now.astimezone(UTC).strftime(_ID_TIME) + "-" + secrets.token_hex(3)
 
 
-def is_valid_id(text: str) -> bool:
-    return isinstance(text, str) and ID_RE.fullmatch(text) is not None  # `$` allows a "\n"
-
-
-def check_id(text: str) -> str:
-    """Validate an id from a user, a file name or an object key before it is used as a path."""
-    if not is_valid_id(text):
-        raise UsageError(f"{text[:64]!r} is not a backup id (expected YYYYMMDDTHHMMSSZ-xxxxxx)")
-    return text
-
-
 def id_time(backup_id: str) -> datetime:
     return datetime.strptime(backup_id.split("-", 1)[0], _ID_TIME).replace(tzinfo=UTC)
-
-
-def artifact_name(backup_id: str, compression: str, encrypted: bool) -> str:
-    return f"{backup_id}.rdb{COMPRESSION_EXT[compression]}{'.age' if encrypted else ''}"
 
 
 def format_time(moment: datetime) -> str:

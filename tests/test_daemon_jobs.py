@@ -58,7 +58,7 @@ def rig(setup: tuple[Path, RedisServer, Path], tmp_path: Path) -> Iterator[Rig]:
 
 
 def newest(config: Config) -> Manifest:
-    return LocalStorage(Path(config.backup.dir)).list().manifests[0]
+    return LocalStorage(Path(config.backup.dir)).listing().manifests[0]
 
 
 def test_drill_loads_the_latest_backup_into_a_throwaway_server(

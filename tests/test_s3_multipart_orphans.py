@@ -24,8 +24,8 @@ from backupd import manifest as mf
 from backupd.actions.prune import prune_location
 from backupd.errors import UsageError
 from backupd.retention import Policy
-from backupd.storage import s3 as s3_mod
 from backupd.storage.s3 import S3Storage
+from backupd.storage.s3 import storage as s3_mod
 from tests.conftest import S3_ENV, S3_KEY_ID, S3_SECRET, run_cli, s3_section
 from tests.test_storage_s3 import (
     BUCKET,
@@ -97,8 +97,8 @@ def test_old_upload_is_shown_by_prune_and_aborted_with_orphans(store: S3Storage,
     assert report.ok, report
     assert report.orphans_deleted == [orphan_name(artifact, upload_id)]
     assert in_progress(store.client) == {}
-    assert [m.id for m in store.list().manifests] == ids
-    assert store.list().orphans == []
+    assert [m.id for m in store.listing().manifests] == ids
+    assert store.listing().orphans == []
 
 
 def test_young_upload_is_shown_but_never_aborted(store: S3Storage, tmp_path: Path) -> None:
@@ -126,7 +126,7 @@ def test_uploads_that_are_not_ours_are_never_listed_nor_aborted(store: S3Storage
     lookalike = f"{other}.rdb (incomplete upload abcdefabcdef)"
     store.client.put_object(Bucket=BUCKET, Key=PREFIX + lookalike, Body=b"x")
 
-    assert store.list().orphans == []
+    assert store.listing().orphans == []
     report = prune_location(store, KEEP_5, now=mf.now_utc() + timedelta(days=3650),
                             orphans=True)
     assert report.ok and report.orphans == [] and report.orphans_deleted == []
@@ -148,7 +148,7 @@ def test_delete_orphans_aborts_exactly_the_named_upload(store: S3Storage,
     artifact = f"{mf.new_id(T0 + timedelta(hours=6))}.rdb.zst"
     first = start_upload(store.client, PREFIX + artifact)
     second = start_upload(store.client, PREFIX + artifact)
-    assert sorted(o.name for o in store.list().orphans) == sorted(
+    assert sorted(o.name for o in store.listing().orphans) == sorted(
         [stray, orphan_name(artifact, first), orphan_name(artifact, second)])
 
     with pytest.raises(UsageError):  # object names keep their rules; nothing is aborted
@@ -157,8 +157,8 @@ def test_delete_orphans_aborts_exactly_the_named_upload(store: S3Storage,
     result = store.delete_orphans([stray, orphan_name(artifact, first)])
     assert result.deleted == [stray, orphan_name(artifact, first)] and not result.failed
     assert list(in_progress(store.client)) == [second]
-    assert [o.name for o in store.list().orphans] == [orphan_name(artifact, second)]
-    assert [m.id for m in store.list().manifests] == [backup_id]
+    assert [o.name for o in store.listing().orphans] == [orphan_name(artifact, second)]
+    assert [m.id for m in store.listing().manifests] == [backup_id]
 
 
 def test_uploads_are_listed_across_pages_and_an_ambiguous_name_aborts_nothing(
@@ -179,7 +179,7 @@ def test_uploads_are_listed_across_pages_and_an_ambiguous_name_aborts_nothing(
        lambda params, **_: aborted.append(params["UploadId"]))
 
     name = orphan_name(key.removeprefix(PREFIX), "abcdefghijkl")
-    assert [o.name for o in store.list().orphans] == [name, name]
+    assert [o.name for o in store.listing().orphans] == [name, name]
     assert [(p["Prefix"], p.get("KeyMarker")) for p in asked] == [(PREFIX, None),
                                                                   (PREFIX, key)]
     result = store.delete_orphans([name])
@@ -207,7 +207,7 @@ def test_a_refused_abort_is_reported_and_an_upload_gone_meanwhile_counts_as_abor
     refused = start_upload(store.client, PREFIX + kept)
     gone = f"{mf.new_id(T0 + timedelta(hours=1))}.rdb.zst"
     finished = start_upload(store.client, PREFIX + gone)
-    names = [o.name for o in store.list().orphans]
+    names = [o.name for o in store.listing().orphans]
     assert names == [orphan_name(kept, refused), orphan_name(gone, finished)]
     store.client.abort_multipart_upload(Bucket=BUCKET, Key=PREFIX + gone, UploadId=finished)
     on(store, "before-call.s3.AbortMultipartUpload", denied)
@@ -232,8 +232,8 @@ def test_uploads_that_cannot_be_listed_leave_retention_as_before(
     on(store, LIST_UPLOADS, fault)
 
     with caplog.at_level(logging.WARNING, logger="backupd.storage.s3"):
-        listing = store.list()
-        store.list()  # warned once: a daemon does not repeat it on every run
+        listing = store.listing()
+        store.listing()  # warned once: a daemon does not repeat it on every run
     assert listing.complete
     assert [m.id for m in listing.manifests] == ids
     assert [o.name for o in listing.orphans] == [stray]
@@ -245,7 +245,7 @@ def test_uploads_that_cannot_be_listed_leave_retention_as_before(
                             orphans=True)
     assert report.ok and report.error is None, report
     assert sorted(report.deleted) == sorted(ids[1:]) and report.orphans_deleted == [stray]
-    assert [m.id for m in store.list().manifests] == ids[:1]
+    assert [m.id for m in store.listing().manifests] == ids[:1]
     assert len(in_progress(boto3.client("s3", region_name="us-east-1"))) == 1  # untouched
 
 

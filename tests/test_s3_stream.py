@@ -32,12 +32,11 @@ from backupd.storage.s3 import (
     META_ID,
     META_SHA256,
     MIN_PART_SIZE,
-    READ_CAP,
     S3Storage,
     StreamingUpload,
-    _FileRange,
     stream_part_size,
 )
+from backupd.storage.s3.multipart import READ_CAP, _FileRange
 from tests.conftest import (
     PASSWORD,
     S3_ENV,
@@ -162,7 +161,7 @@ def test_parts_go_up_while_packing_and_commit_at_finish(store: S3Storage, tmp_pa
     body = store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
     assert body == artifact.read_bytes()
     assert hashlib.sha256(body).hexdigest() == manifest.stored_sha256
-    assert uploads(store) == [] and store.list().manifests == [manifest]
+    assert uploads(store) == [] and store.listing().manifests == [manifest]
 
 
 def test_small_artifact_is_put_whole(store: S3Storage, tmp_path: Path) -> None:
@@ -196,7 +195,7 @@ def test_failed_part_falls_back_to_uploading_the_file(store: S3Storage, tmp_path
     assert "streamed upload of backup" in caplog.text and "InternalError" in caplog.text
     head = store.client.head_object(Bucket=BUCKET, Key=PREFIX + manifest.artifact)
     assert head["Metadata"][META_SHA256] == manifest.stored_sha256  # put() did it
-    assert uploads(store) == [] and store.list().manifests == [manifest]
+    assert uploads(store) == [] and store.listing().manifests == [manifest]
 
 
 def test_failed_stream_and_failed_put_raise_as_put_does(store: S3Storage,

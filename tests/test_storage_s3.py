@@ -175,7 +175,7 @@ def test_put_list_read_open_roundtrip(store: S3Storage, tmp_path: Path) -> None:
     store.put(old_path, old)
     store.put(new_path, new)
 
-    listing = store.list()
+    listing = store.listing()
     assert listing.complete
     assert [m.id for m in listing.manifests] == [new.id, old.id]  # newest first
     assert listing.manifests == [new, old]
@@ -222,7 +222,7 @@ def test_put_without_checksum_sends_no_checksum_header(moto: None, tmp_path: Pat
     store.put(path, man)
     assert seen
     assert not [h for headers in seen for h in headers if h.lower().startswith("x-amz-checksum")]
-    assert store.list().manifests == [man]
+    assert store.listing().manifests == [man]
 
 
 def test_multipart_upload_roundtrip(store: S3Storage, tmp_path: Path) -> None:
@@ -232,7 +232,7 @@ def test_multipart_upload_roundtrip(store: S3Storage, tmp_path: Path) -> None:
        lambda params, **kw: parts.append(params["PartNumber"]))
     store.put(path, man)
     assert sorted(parts) == [1, 2]
-    assert store.list().manifests == [man]
+    assert store.listing().manifests == [man]
     with store.open_artifact(man) as stream:
         assert hashlib.sha256(stream.read()).hexdigest() == man.stored_sha256
 
@@ -285,13 +285,13 @@ def test_prefix_isolation(store: S3Storage, tmp_path: Path) -> None:
     for key in foreign:
         client.put_object(Bucket=BUCKET, Key=key, Body=b"{}")
 
-    listing = store.list()
+    listing = store.listing()
     assert listing.manifests == [man]
     assert listing.orphans == []
     assert listing.broken == {}
 
     assert store.delete([man.id, other_id]).deleted == [man.id, other_id]
-    assert store.list().manifests == []
+    assert store.listing().manifests == []
     assert keys(client) == set(foreign)
     with pytest.raises(UsageError):
         store.delete_orphans([f"sub/{other_id}.rdb.zst"])
@@ -313,7 +313,7 @@ def test_artifact_without_manifest_is_an_orphan(store: S3Storage, tmp_path: Path
     client = store.client
     client.upload_file(str(path), BUCKET, PREFIX + man.artifact)
     client.put_object(Bucket=BUCKET, Key=f"{PREFIX}{man.id}.rdb.zst.age.tmp", Body=b"x")
-    listing = store.list()
+    listing = store.listing()
     assert listing.manifests == []
     assert listing.broken == {}
     assert [(o.name, o.size) for o in listing.orphans] == [
@@ -334,14 +334,14 @@ def test_delete_orphans_refuses_manifests_and_committed_backups(store: S3Storage
     result = store.delete_orphans([man.artifact])  # committed since the listing
     assert result.deleted == []
     assert man.artifact in result.failed
-    assert store.list().manifests == [man]
+    assert store.listing().manifests == [man]
 
 
 def test_manifest_without_artifact_is_broken(store: S3Storage, tmp_path: Path) -> None:
     path, man = make_backup(tmp_path)
     store.put(path, man)
     store.client.delete_object(Bucket=BUCKET, Key=PREFIX + man.artifact)
-    listing = store.list()
+    listing = store.listing()
     assert listing.manifests == []
     assert listing.orphans == []
     assert listing.broken == {man.id: f"artifact {man.artifact} missing"}
@@ -354,7 +354,7 @@ def test_artifact_of_wrong_size_is_broken(store: S3Storage, tmp_path: Path) -> N
     path, man = make_backup(tmp_path, 100)
     store.put(path, man)
     store.client.put_object(Bucket=BUCKET, Key=PREFIX + man.artifact, Body=b"short")
-    assert "5 bytes" in store.list().broken[man.id]
+    assert "5 bytes" in store.listing().broken[man.id]
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"[]", b'{"id": "x"}', b"x" * (MiB + 10)])
@@ -365,7 +365,7 @@ def test_corrupt_manifest_is_broken_and_keeps_its_artifact(store: S3Storage, tmp
     store.put(path, man)
     store.put(good_path, good)
     store.client.put_object(Bucket=BUCKET, Key=f"{PREFIX}{man.id}.json", Body=body)
-    listing = store.list()
+    listing = store.listing()
     assert listing.manifests == [good]
     assert list(listing.broken) == [man.id]
     assert "manifest" in listing.broken[man.id]
@@ -382,7 +382,7 @@ def test_unreadable_manifest_makes_the_listing_incomplete(store: S3Storage,
     store.put(path, man)
     on(store, "before-call.s3.GetObject", lambda **kw: fake_response(
         500, {"Error": {"Code": "InternalError", "Message": "We encountered an error"}}))
-    listing = store.list()
+    listing = store.listing()
     assert listing.manifests == []
     assert man.id in listing.broken
     assert not listing.complete
@@ -402,7 +402,7 @@ def test_list_failure_raises(store: S3Storage, tmp_path: Path) -> None:
     on(store, "before-call.s3.ListObjectsV2", lambda **kw: fake_response(
         500, {"Error": {"Code": "InternalError", "Message": "boom"}}))
     with pytest.raises(StorageError, match="cannot list bucket"):
-        store.list()
+        store.listing()
     with pytest.raises(StorageError):
         store.delete([man.id])  # nothing is deleted on an incomplete listing
     assert len(keys(boto3.client("s3", region_name="us-east-1"))) == 2
@@ -427,7 +427,7 @@ def test_delete_removes_both_manifest_first_and_only_those(store: S3Storage,
         [f"{PREFIX}{i}.json" for i in drop],
         [PREFIX + backups[0][1].artifact, PREFIX + backups[2][1].artifact],
     ]
-    assert store.list().manifests == [backups[1][1]]
+    assert store.listing().manifests == [backups[1][1]]
     assert store.delete(drop).deleted == drop  # already gone: nothing to do
 
 
@@ -439,7 +439,7 @@ def test_delete_batches_at_most_1000_keys(store: S3Storage) -> None:
     sizes: list[int] = []
     on(store, "before-parameter-build.s3.DeleteObjects",
        lambda params, **kw: sizes.append(len(params["Delete"]["Objects"])))
-    orphans = store.list().orphans
+    orphans = store.listing().orphans
     assert len(orphans) == 1001
     result = store.delete_orphans(o.name for o in orphans)
     assert len(result.deleted) == 1001
@@ -479,7 +479,7 @@ def test_delete_request_failure_is_per_id(store: S3Storage, tmp_path: Path) -> N
     result = store.delete([man.id])
     assert result.deleted == []
     assert "access denied to bucket" in result.failed[man.id]
-    assert store.list().manifests == [man]
+    assert store.listing().manifests == [man]
 
 
 def test_missing_content_md5_falls_back_to_single_deletes(store: S3Storage,
@@ -550,7 +550,7 @@ def test_object_lock_retention_is_enforced_and_reported(aws_env: None, tmp_path:
         result = store.delete([man.id])
         assert result.locked == [man.id]
         assert (result.deleted, result.failed) == ([], {})
-        assert store.list().manifests == [man]  # still whole: not hidden behind a marker
+        assert store.listing().manifests == [man]  # still whole: not hidden behind a marker
 
 
 # -- failures ------------------------------------------------------------------------------
@@ -581,7 +581,7 @@ def test_interrupted_multipart_upload_leaves_nothing(store: S3Storage, tmp_path:
     client = store.client
     assert keys(client) == set()  # no artifact, no manifest
     assert client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
-    assert store.list().orphans == []
+    assert store.listing().orphans == []
 
 
 def test_endpoint_down(aws_env: None, fast_retries: None, tmp_path: Path) -> None:
@@ -592,7 +592,7 @@ def test_endpoint_down(aws_env: None, fast_retries: None, tmp_path: Path) -> Non
     on(store, "before-send.s3", lambda **kw: attempts.append(1))
     path, man = make_backup(tmp_path)
     expected = f"cannot reach the S3 endpoint 127.0.0.1:{port}"
-    for action in (store.list, store.check_access, lambda: store.put(path, man),
+    for action in (store.listing, store.check_access, lambda: store.put(path, man),
                    lambda: store.read_manifest(man.id)):
         with pytest.raises(StorageError, match=expected) as err:
             action()
@@ -624,7 +624,7 @@ def test_bad_endpoint_url_is_a_config_error(url: str) -> None:
 def test_wrong_bucket(moto: None, tmp_path: Path) -> None:
     store = storage_for(cfg(bucket="no-such-bucket-here"))
     path, man = make_backup(tmp_path)
-    for action in (store.list, store.check_access, lambda: store.put(path, man)):
+    for action in (store.listing, store.check_access, lambda: store.put(path, man)):
         with pytest.raises(StorageError, match="bucket no-such-bucket-here does not exist"):
             action()
 
@@ -697,7 +697,7 @@ def test_http_endpoint_roundtrip(http_store: S3Storage, tmp_path: Path) -> None:
     http_store.check_access()
     http_store.put(small_path, small)
     http_store.put(big_path, big)
-    listing = http_store.list()
+    listing = http_store.listing()
     assert listing.manifests == [big, small]
     with http_store.open_artifact(big) as stream:
         digest = hashlib.sha256()
@@ -705,7 +705,7 @@ def test_http_endpoint_roundtrip(http_store: S3Storage, tmp_path: Path) -> None:
             digest.update(chunk)
     assert digest.hexdigest() == big.stored_sha256
     assert http_store.delete([small.id]).deleted == [small.id]
-    assert http_store.list().manifests == [big]
+    assert http_store.listing().manifests == [big]
     assert http_store.client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
 
 

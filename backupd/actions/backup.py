@@ -53,7 +53,7 @@ def backup_lock(directory: Path) -> Iterator[None]:
 
 def clean_leftovers(storage: LocalStorage) -> None:
     """Remove temp files and artifacts without a manifest: crashed writes. Call under the lock."""
-    orphans = storage.list().orphans
+    orphans = storage.listing().orphans
     if orphans:
         result = storage.delete_orphans(o.name for o in orphans)
         log.info("leftovers_removed", files=result.deleted, failed=result.failed or None)
@@ -131,7 +131,7 @@ def run_backup(config: Config, *, trigger: str = "manual", tag: str = "",
     yield_cpu(config.backup.niceness)
     storage = LocalStorage(Path(config.backup.dir))
     clean_leftovers(storage)
-    existing = storage.list().manifests
+    existing = storage.listing().manifests
     previous = existing[0] if existing else None
     endpoint = discovery.resolve(config.redis, env)
     client = source.connect_endpoint(endpoint)

@@ -77,7 +77,7 @@ def catalog(chosen: list[Storage]) -> Catalog:
     merged: dict[str, Entry] = {}
     listings: dict[str, Listing] = {}
     for storage in chosen:
-        listing = storage.list()
+        listing = storage.listing()
         listings[storage.name] = listing
         for manifest in listing.manifests:
             entry = merged.setdefault(manifest.id, Entry(manifest))

@@ -74,7 +74,7 @@ def _prune(storage: Storage, policy: Policy, *, now: datetime, dry_run: bool,
            orphans: bool) -> Report:
     report = Report(storage.name)
     try:
-        listing = storage.list()
+        listing = storage.listing()
     except BackupdError as exc:
         report.error = f"cannot list backups, nothing deleted: {exc}"
         return report

@@ -54,7 +54,7 @@ class PendingResult:
 
 
 def pending(local: LocalStorage) -> list[Manifest]:
-    return [m for m in local.list().manifests if m.upload == PENDING]
+    return [m for m in local.listing().manifests if m.upload == PENDING]
 
 
 def upload_pending(local: LocalStorage, remote: S3Storage, keep_local: bool = True

@@ -1,8 +1,9 @@
 """The storage interface every backend (local directory, S3 bucket) implements.
 
 A backup is an artifact plus its manifest; the manifest is written last and is the commit
-marker. Backends only ever see names that match backupd's id format: anything else in the
-directory or under the prefix is not ours and is never listed, opened or deleted.
+marker. Backends only ever see names that match backupd's id format (storage/layout.py):
+anything else in the directory or under the prefix is not ours and is never listed, opened or
+deleted.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from backupd.manifest import Manifest
+if TYPE_CHECKING:  # annotations only: backupd.manifest imports the storage layout
+    from backupd.manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class DeleteResult:
 class Storage(Protocol):
     name: str  # "local" or "s3": the location shown to users
 
-    def list(self) -> Listing:
+    def listing(self) -> Listing:
         """All complete backups, newest first, plus orphans; never raises for one bad file."""
         ...
 

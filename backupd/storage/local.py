@@ -14,10 +14,9 @@ from backupd import checkpoints
 from backupd import manifest as mf
 from backupd.errors import IntegrityError, StorageError
 from backupd.manifest import Manifest
-from backupd.pipeline import TEMP_MARK, write_atomic
+from backupd.pipeline import write_atomic
+from backupd.storage import layout
 from backupd.storage.base import DeleteResult, Listing, Orphan
-
-MANIFEST_EXT = ".json"
 
 
 def ensure_dir(path: Path) -> None:
@@ -39,15 +38,15 @@ class LocalStorage:
     def artifact_path(self, manifest: Manifest) -> Path:
         # parse() already pinned `artifact` to the name derived from the id; check again anyway,
         # since this becomes a path.
-        expected = mf.artifact_name(manifest.id, manifest.compression, manifest.encrypted)
+        expected = layout.artifact_name(manifest.id, manifest.compression, manifest.encrypted)
         if manifest.artifact != expected:
             raise IntegrityError(f"manifest {manifest.id}: artifact must be {expected!r}")
         return self.dir / expected
 
     def manifest_path(self, backup_id: str) -> Path:
-        return self.dir / (mf.check_id(backup_id) + MANIFEST_EXT)
+        return self.dir / layout.manifest_name(backup_id)
 
-    def list(self) -> Listing:
+    def listing(self) -> Listing:
         listing = Listing()
         try:
             entries = list(os.scandir(self.dir))
@@ -58,8 +57,8 @@ class LocalStorage:
         names = {entry.name: entry for entry in entries if entry.is_file(follow_symlinks=False)}
         claimed: set[str] = set()
         for name in sorted(names, reverse=True):
-            backup_id = name[: -len(MANIFEST_EXT)]
-            if not name.endswith(MANIFEST_EXT) or not mf.is_valid_id(backup_id):
+            backup_id = layout.manifest_id(name)
+            if backup_id is None:
                 continue
             claimed.add(name)
             try:
@@ -68,7 +67,7 @@ class LocalStorage:
                 listing.broken[backup_id] = str(exc)
                 # Not understood (damaged, or written by a newer backupd): its files are
                 # neither a backup nor leftovers, so that nothing deletes what may be the only
-                # copy of that backup (as S3Storage.list does).
+                # copy of that backup (as S3Storage.listing does).
                 claimed.update(n for n in names if n.startswith(backup_id + "."))
                 continue
             if manifest.artifact not in names:
@@ -77,7 +76,7 @@ class LocalStorage:
             claimed.add(manifest.artifact)
             listing.manifests.append(manifest)
         for name, entry in names.items():
-            if name in claimed or not _ours(name):
+            if name in claimed or not layout.is_ours_local(name):
                 continue
             stat = entry.stat(follow_symlinks=False)
             listing.orphans.append(Orphan(name, datetime.fromtimestamp(stat.st_mtime, UTC),
@@ -116,7 +115,7 @@ class LocalStorage:
         """Copy an artifact in (atomically), then commit it with its manifest."""
         dest = self.artifact_path(manifest)
         if artifact.resolve() != dest.resolve():
-            tmp = dest.with_name(f".{dest.name}{TEMP_MARK}put")
+            tmp = dest.with_name(layout.temp_name(dest.name, "put"))
             try:
                 with open(artifact, "rb") as src, open(
                         os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
@@ -145,7 +144,7 @@ class LocalStorage:
     def delete_orphans(self, names: Iterable[str]) -> DeleteResult:
         result = DeleteResult()
         for name in names:
-            if not _ours(name) or "/" in name or "\0" in name:
+            if not layout.is_ours_local(name) or "/" in name or "\0" in name:
                 result.failed[name] = "not a backupd file name"
                 continue
             try:
@@ -155,9 +154,3 @@ class LocalStorage:
                 result.failed[name] = exc.strerror or str(exc)
         return result
 
-
-def _ours(name: str) -> bool:
-    """A file backupd writes: `<id>...` or a temp file `.<id>....tmp-xxxx`."""
-    if name.startswith(".") and TEMP_MARK in name:
-        name = name[1:]
-    return len(name) > 22 and mf.is_valid_id(name[:23])

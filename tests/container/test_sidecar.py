@@ -232,7 +232,7 @@ def leftovers(directory: Path) -> list[str]:
     """Half-written files: temp files anywhere, and (by backupd's own definition) artifacts
     without a manifest or manifests without an artifact."""
     found = [str(p.relative_to(directory)) for p in directory.rglob("*") if TEMP_MARK in p.name]
-    listing = LocalStorage(directory).list()
+    listing = LocalStorage(directory).listing()
     found += [o.name for o in listing.orphans]
     found += [f"{backup_id} ({why})" for backup_id, why in listing.broken.items()]
     return found

@@ -74,7 +74,7 @@ def test_clock_jumps_back_between_backups(tmp_path: Path, redis_server: RedisSer
         result = run(config)
         made.append(result.manifest.id)
         assert made == sorted(made), "ids must increase in the order backups are made"
-        before, listed = listed, [m.id for m in LocalStorage(backups).list().manifests]
+        before, listed = listed, [m.id for m in LocalStorage(backups).listing().manifests]
         if newest_kept is None:
             assert n < 3 or set(listed) == {*before, made[-1]}, (made, listed)
         else:
@@ -105,4 +105,4 @@ def test_prune_with_a_clock_behind_every_backup(tmp_path: Path, redis_server: Re
     report = prune_location(storage, Policy.from_config(config.retention),
                             now=start - timedelta(days=30))
     assert report.ok and report.deleted == []
-    assert len(storage.list().manifests) == 3
+    assert len(storage.listing().manifests) == 3

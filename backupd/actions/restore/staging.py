@@ -79,7 +79,7 @@ def _tolerant_catalog(chosen: Sequence[Storage], strict: bool) -> Catalog:
     listings: dict[str, Listing] = {}
     for storage in chosen:
         try:
-            listing = storage.list()
+            listing = storage.listing()
         except StorageError as exc:
             if strict or len(chosen) == 1:
                 raise

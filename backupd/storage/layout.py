@@ -1,0 +1,96 @@
+"""The names backupd gives its files and objects, and the one rule for "is this name ours".
+
+In a backup directory, and directly under an S3 prefix (no further '/'):
+
+    <id>.json                      the manifest: written last, the commit marker
+    <id>.rdb[.zst|.gz][.age]       the artifact (`Manifest.artifact`)
+    .<name>.tmp-<random>           a temp file being written (local only; renamed when done)
+    <name> (incomplete upload <t>) an incomplete multipart upload of <name> (S3 only): `t` is
+                                   the first UPLOAD_TOKEN characters of its upload id
+
+Anything else is not ours, and is never listed, opened or deleted. Every name is derived from a
+backup id, which is checked before it becomes a path or a key.
+"""
+
+from __future__ import annotations
+
+import re
+
+from backupd.errors import UsageError
+
+ID_PATTERN = r"\d{8}T\d{6}Z-[0-9a-f]{6}"
+ID_LEN = 23  # len("YYYYMMDDTHHMMSSZ-xxxxxx")
+MANIFEST_EXT = ".json"
+COMPRESSION_EXT = {"zstd": ".zst", "gzip": ".gz", "none": ""}
+TEMP_MARK = ".tmp-"  # in the name of a file being written: `.<final name>.tmp-<random>`
+UPLOAD_TOKEN = 12  # leading characters of an upload id that name its orphan
+
+_ID_RE = re.compile(rf"^{ID_PATTERN}$")
+_TOKEN = re.compile(rf"[A-Za-z0-9._~+=/-]{{1,{UPLOAD_TOKEN}}}")  # an orphan's upload id start
+_UPLOAD_NAME = re.compile(rf"(?P<name>.+) \(incomplete upload (?P<token>{_TOKEN.pattern})\)")
+
+
+def is_valid_id(text: str) -> bool:
+    return isinstance(text, str) and _ID_RE.fullmatch(text) is not None  # `$` allows a "\n"
+
+
+def check_id(text: str) -> str:
+    """Validate an id from a user, a file name or an object key before it is used as a path."""
+    if not is_valid_id(text):
+        raise UsageError(f"{text[:64]!r} is not a backup id (expected YYYYMMDDTHHMMSSZ-xxxxxx)")
+    return text
+
+
+def artifact_name(backup_id: str, compression: str, encrypted: bool) -> str:
+    return f"{backup_id}.rdb{COMPRESSION_EXT[compression]}{'.age' if encrypted else ''}"
+
+
+def manifest_name(backup_id: str) -> str:
+    return check_id(backup_id) + MANIFEST_EXT
+
+
+def manifest_id(name: str) -> str | None:
+    """The id whose manifest `name` is, or None."""
+    backup_id = name[: -len(MANIFEST_EXT)]
+    return backup_id if name.endswith(MANIFEST_EXT) and is_valid_id(backup_id) else None
+
+
+def owner(name: str) -> str | None:
+    """The backup id a stored name (an artifact, a manifest, or a leftover of either) belongs
+    to, or None if the name is not ours: `<id>.` followed by anything but '/'."""
+    if "/" in name or len(name) <= ID_LEN or name[ID_LEN] != ".":
+        return None
+    backup_id = name[:ID_LEN]
+    return backup_id if is_valid_id(backup_id) else None
+
+
+def is_ours_local(name: str) -> bool:
+    """A file of a backup directory that backupd wrote: `<id>...` or a temp file
+    `.<id>....tmp-xxxx`."""
+    if name.startswith(".") and TEMP_MARK in name:
+        name = name[1:]
+    return is_valid_id(name[:ID_LEN])
+
+
+def temp_name(final: str, suffix: str) -> str:
+    """The name of the temp file a writer of `final` uses until its rename."""
+    return f".{final}{TEMP_MARK}{suffix}"
+
+
+def upload_token(upload_id: str) -> str | None:
+    """The start of a multipart upload id that names its orphan, or None if it cannot."""
+    token = upload_id[:UPLOAD_TOKEN]
+    return token if _TOKEN.fullmatch(token) else None
+
+
+def upload_orphan_name(name: str, token: str) -> str:
+    return f"{name} (incomplete upload {token})"
+
+
+def parse_upload_orphan_name(text: str) -> tuple[str, str] | None:
+    """(name, token) of an upload's orphan name of ours, or None: such a name is never taken
+    for an object's, so that deleting an orphan cannot hit the wrong kind of thing."""
+    match = _UPLOAD_NAME.fullmatch(text)
+    if match is None or owner(match["name"]) is None:
+        return None
+    return match["name"], match["token"]
