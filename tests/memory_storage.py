@@ -1,0 +1,149 @@
+"""MemoryStorage: the Storage protocol over a dict, with faults a test can inject.
+
+b2sdk's raw simulator, for backupd: the storage contract (tests/storage_contract.py) holds it to
+what LocalStorage and S3Storage do, so that tests of what sits above a storage (retention's
+rails, pending uploads, choosing a backup) run in milliseconds, and can make a listing fail,
+come back incomplete, or a delete be refused, which a real backend does only by accident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from backupd import manifest as mf
+from backupd.errors import IntegrityError, StorageError
+from backupd.manifest import Manifest
+from backupd.storage import layout
+from backupd.storage.base import DeleteResult, Listing, Orphan
+
+
+@dataclass
+class Faults:
+    """What goes wrong, by operation. Every field is consulted on each call."""
+
+    listing: StorageError | None = None  # listing() raises it
+    incomplete: bool = False  # listing() may have missed objects
+    unreadable: set[str] = field(default_factory=set)  # ids whose manifest cannot be read
+    put: dict[str, StorageError] = field(default_factory=dict)  # id -> put() raises it
+    delete: dict[str, str] = field(default_factory=dict)  # id or name -> why it stays
+    locked: set[str] = field(default_factory=set)  # ids kept by Object Lock
+
+
+@dataclass
+class _Object:
+    data: bytes
+    modified: datetime
+
+
+class MemoryStorage:
+    """Objects by name, as LocalStorage keeps files: `<id>.json` commits `<id>.rdb...`."""
+
+    bucket = "memory"  # named in the log lines of uploads, as S3Storage's bucket is
+
+    def __init__(self, name: str = "memory", now: datetime | None = None) -> None:
+        self.name = name
+        self.objects: dict[str, _Object] = {}
+        self.faults = Faults()
+        self.calls: list[str] = []  # operations in order, for tests of what ran when
+        self._now = now or datetime.now(UTC)
+
+    # -- for tests ---------------------------------------------------------------------------
+
+    def place(self, name: str, data: bytes, modified: datetime | None = None) -> None:
+        """Store an object as-is (a leftover, a damaged manifest, something not ours)."""
+        self.objects[name] = _Object(data, modified or self._now)
+
+    # -- Storage -----------------------------------------------------------------------------
+
+    def listing(self) -> Listing:
+        self.calls.append("listing")
+        if self.faults.listing is not None:
+            raise self.faults.listing
+        listing = Listing(complete=not self.faults.incomplete)
+        claimed: set[str] = set()
+        for name in sorted(self.objects, reverse=True):
+            backup_id = layout.manifest_id(name)
+            if backup_id is None:
+                continue
+            claimed.add(name)
+            try:
+                manifest = self.read_manifest(backup_id)
+            except (IntegrityError, StorageError) as exc:
+                listing.broken[backup_id] = str(exc)
+                listing.complete = listing.complete and backup_id not in self.faults.unreadable
+                claimed.update(n for n in self.objects if n.startswith(backup_id + "."))
+                continue
+            if manifest.artifact not in self.objects:
+                listing.broken[backup_id] = f"artifact {manifest.artifact} is missing"
+                continue
+            claimed.add(manifest.artifact)
+            listing.manifests.append(manifest)
+        listing.orphans = [Orphan(name, obj.modified, len(obj.data))
+                           for name, obj in sorted(self.objects.items())
+                           if name not in claimed and layout.is_ours_local(name)]
+        return listing
+
+    def read_manifest(self, backup_id: str) -> Manifest:
+        name = layout.manifest_name(backup_id)
+        if backup_id in self.faults.unreadable:
+            raise StorageError(f"cannot read the manifest of backup {backup_id}")
+        obj = self.objects.get(name)
+        if obj is None:
+            raise StorageError(f"backup {backup_id} does not exist in memory")
+        return mf.parse(obj.data, expected_id=backup_id)
+
+    @contextlib.contextmanager
+    def open_artifact(self, manifest: Manifest) -> Iterator[BinaryIO]:
+        obj = self.objects.get(manifest.artifact)
+        if obj is None:
+            raise StorageError(f"cannot open {manifest.artifact}: it does not exist")
+        yield io.BytesIO(obj.data)
+
+    def put(self, artifact: Path, manifest: Manifest) -> None:
+        self.calls.append(f"put {manifest.id}")
+        if manifest.id in self.faults.put:
+            raise self.faults.put[manifest.id]
+        data = artifact.read_bytes()
+        if len(data) != manifest.stored_size:
+            raise IntegrityError(f"{artifact} is {len(data)} bytes, the manifest of backup "
+                                 f"{manifest.id} says {manifest.stored_size}")
+        self.place(manifest.artifact, data)
+        self.place(layout.manifest_name(manifest.id), manifest.to_json())  # the commit
+
+    def delete(self, backup_ids: Iterable[str]) -> DeleteResult:
+        result = DeleteResult()
+        for backup_id in backup_ids:
+            self.calls.append(f"delete {backup_id}")
+            if backup_id in self.faults.locked:
+                result.locked.append(backup_id)
+            elif backup_id in self.faults.delete:
+                result.failed[backup_id] = self.faults.delete[backup_id]
+            else:
+                try:
+                    manifest = self.read_manifest(backup_id)
+                except (StorageError, IntegrityError) as exc:
+                    result.failed[backup_id] = str(exc)
+                    continue
+                del self.objects[layout.manifest_name(backup_id)]  # first, as the others do
+                self.objects.pop(manifest.artifact, None)
+                result.deleted.append(backup_id)
+        return result
+
+    def delete_orphans(self, names: Iterable[str]) -> DeleteResult:
+        result = DeleteResult()
+        for name in names:
+            self.calls.append(f"delete orphan {name}")
+            if not layout.is_ours_local(name) or "/" in name:
+                result.failed[name] = "not a backupd file name"
+            elif name in self.faults.delete:
+                result.failed[name] = self.faults.delete[name]
+            else:
+                self.objects.pop(name, None)
+                result.deleted.append(name)
+        return result
