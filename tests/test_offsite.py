@@ -132,6 +132,7 @@ def test_keep_local_false(tmp_path: Path, redis_server: RedisServer, moto_endpoi
     assert listed[0]["id"] == backup_id and listed[0]["locations"] == ["s3"]
 
 
+@pytest.mark.slow  # retention on a storage runs fast: test_storage_rails.py
 def test_prune_on_both_sides_with_reasons(offsite: tuple[Path, Path, str],
                                           moto_endpoint: str) -> None:
     config, backups, bucket = offsite
@@ -156,6 +157,7 @@ def test_prune_on_both_sides_with_reasons(offsite: tuple[Path, Path, str],
         f"redis/prod/{i}{ext}" for i in ids[2:] for ext in (".json", ".rdb.zst"))
 
 
+@pytest.mark.slow  # the rail itself runs fast: test_storage_rails.py
 def test_prune_keeps_pending_local_backups(tmp_path: Path, redis_server: RedisServer,
                                            bucket: str) -> None:
     backups = tmp_path / "backups"

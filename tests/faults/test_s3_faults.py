@@ -136,6 +136,7 @@ def two_unpruned_backups(config: Path) -> tuple[str, str]:
     return first, second
 
 
+@pytest.mark.slow  # the rail itself runs fast: test_storage_rails.py
 def test_failed_delete_is_reported_and_retried(tmp_path: Path, server: RedisServer,
                                                proxy: FaultProxy, s3: Bucket) -> None:
     fault_case("s3: DeleteObjects fails: reported, retried by the next prune")
@@ -158,6 +159,7 @@ def test_failed_delete_is_reported_and_retried(tmp_path: Path, server: RedisServ
     assert s3.orphans() == []
 
 
+@pytest.mark.slow  # the rail itself runs fast: test_storage_rails.py
 def test_failed_listing_deletes_nothing_and_is_reported(
         tmp_path: Path, server: RedisServer, proxy: FaultProxy, s3: Bucket) -> None:
     fault_case("s3: listing fails during prune")
