@@ -19,7 +19,7 @@ import structlog
 from backupd import __version__, logs
 from backupd import config as config_mod
 from backupd.errors import EXIT_FAILED, EXIT_INTEGRITY, BackupdError
-from backupd.zstd_frames import keep_buffers
+from backupd.runtime import keep_buffers
 
 log = structlog.get_logger("backupd")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -239,7 +239,7 @@ def verify(state: State, backup_id: str, all_: bool, deep: bool, identity_file: 
         return _verify_drill(state, backup_id, all_, identity_file, location)
     from backupd.actions.catalog import catalog, storages
     from backupd.actions.verify import verify as verify_one
-    from backupd.pipeline import load_identities
+    from backupd.codecs import load_identities
 
     cfg = state.config()
     identities = load_identities(identity_file) if identity_file else []
@@ -496,8 +496,8 @@ def _verify_drill(state: State, backup_id: str, all_: bool, identity_file: str |
     1 when the drill cannot run (e.g. redis-server older than the RDB)."""
     from backupd.actions.catalog import catalog, storages
     from backupd.actions.restore.drill import drill
+    from backupd.codecs import load_identities
     from backupd.errors import UsageError
-    from backupd.pipeline import load_identities
 
     if all_:
         raise UsageError("--drill checks one backup at a time; give an ID or latest")

@@ -40,7 +40,7 @@ from backupd import __version__
 from backupd import manifest as mf
 from backupd.config import Config
 from backupd.errors import BackupdError
-from backupd.pipeline import write_atomic
+from backupd.fsio import write_atomic
 
 STATE_FILE = ".backupd-state.json"
 STATE_FORMAT = 1

@@ -26,15 +26,16 @@ either way: a few frames of input and output, never a size taken from the file.
 from __future__ import annotations
 
 import collections
-import ctypes
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any
 
 import zstandard
 
 from backupd.errors import IntegrityError
+from backupd.runtime import keep_buffers
+from backupd.streams import Readable
 
 FRAME_SIZE = 2 << 20  # input bytes per frame written by FramedCompressor
 COMPRESS_WORKERS = 2
@@ -59,10 +60,6 @@ BLOCK_MAX = 128 << 10  # Block_Maximum_Size can never exceed 128 KiB
 _RAW, _RLE, _COMPRESSED = 0, 1, 2
 
 
-class Readable(Protocol):
-    def read(self, size: int = -1, /) -> bytes: ...
-
-
 def skippable_frame(payload: bytes) -> bytes:
     return BACKUPD_MAGIC + len(payload).to_bytes(4, "little") + payload
 
@@ -77,34 +74,6 @@ def parse_digest(payload: bytes) -> tuple[int, str] | None:
         return None
     body = payload[len(DIGEST_TAG):]
     return int.from_bytes(body[:8], "little"), body[8:].hex()
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-_malloc_tuned: list[bool] = []
-
-
-def keep_buffers() -> None:
-    """Let glibc reuse the memory of freed frames instead of returning it to the kernel and
-    faulting fresh pages in for the next one: every frame's input and output is a new bytes
-    object of a few MiB, and with glibc's defaults the page faults cost 0.25-0.4 s of CPU per
-    GB unpacked (a tenth of the unpack's CPU; measured with perf on the benchmark VM). Blocks up
-    to 32 MiB come from the heap, and up to 16 MiB of free heap is kept: the peak RSS of a
-    1 GB unpack grows by about 6 MiB for it (a 16 MiB trim threshold kept most of the gain of
-    64 MiB; 4 MiB lost it). One arena for all threads: with one per thread, the freed frames
-    piled up in each and the peak grew with the data (unpack: 48.7 MiB for 100 MB, 51-56 MiB
-    for 1 GB; with one arena 45.2 and 46.4-46.8 MiB, no slower). Process-wide and once
-    (backupd's CLI calls it first, before any thread exists); nothing happens without glibc."""
-    if _malloc_tuned:
-        return
-    _malloc_tuned.append(True)
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt(_M_ARENA_MAX, 1)
-    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-    mallopt(_M_TRIM_THRESHOLD, 16 << 20)
 
 
 # -- compression ------------------------------------------------------------------------------

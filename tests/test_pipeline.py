@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pyrage import x25519
 
-from backupd import pipeline
+from backupd import codecs, fsio, pipeline
 from backupd.errors import IntegrityError, StorageError
 from tests.test_rdb import make_rdb
 
@@ -91,18 +91,18 @@ def test_disk_full_leaves_nothing(tmp_path: Path) -> None:
 def test_identity_file_parsing(tmp_path: Path) -> None:
     path = tmp_path / "key"
     path.write_text(f"# public key: {IDENTITY.to_public()}\n{IDENTITY}\n")
-    assert len(pipeline.load_identities(str(path))) == 1
+    assert len(codecs.load_identities(str(path))) == 1
     path.write_text("# nothing\n")
     with pytest.raises(IntegrityError, match="no age identity"):
-        pipeline.load_identities(str(path))
+        codecs.load_identities(str(path))
     path.write_text("AGE-SECRET-KEY-1NOTAKEY\n")
     with pytest.raises(IntegrityError) as info:
-        pipeline.load_identities(str(path))
+        codecs.load_identities(str(path))
     assert "NOTAKEY" not in str(info.value)
 
 
 def test_atomic_write(tmp_path: Path) -> None:
     dest = tmp_path / "m.json"
-    pipeline.write_atomic(dest, b"one")
-    pipeline.write_atomic(dest, b"two")
+    fsio.write_atomic(dest, b"one")
+    fsio.write_atomic(dest, b"two")
     assert dest.read_bytes() == b"two" and os.listdir(tmp_path) == ["m.json"]

@@ -18,17 +18,10 @@ from backupd import manifest as mf
 from backupd.config import Config
 from backupd.errors import BusyError, IntegrityError, StorageError, UsageError
 from backupd.manifest import Manifest
-from backupd.pipeline import (
-    CHUNK,
-    Counter,
-    Follower,
-    ObservedWriter,
-    PackResult,
-    copy_stream,
-    pack,
-)
+from backupd.pipeline import Digester, Follower, PackResult, pack
 from backupd.rdb import first_db_size
 from backupd.storage.local import LocalStorage, ensure_dir
+from backupd.streams import CHUNK, ObservedWriter, copy_stream
 
 log = structlog.get_logger("backupd.backup")
 LOCK_NAME = ".backupd.lock"
@@ -229,7 +222,7 @@ class _Marked:
 
 def _check_stored(storage: LocalStorage, manifest: Manifest) -> None:
     """Read the artifact back: what is on disk must be what was written."""
-    counter = Counter()
+    counter = Digester()
     with storage.open_artifact(manifest) as fh:
         copy_stream(fh, ObservedWriter(None, counter))
     got = counter.digest()

@@ -14,9 +14,10 @@ import structlog
 
 from backupd.errors import IntegrityError, StorageError
 from backupd.manifest import Manifest
-from backupd.pipeline import Counter, ObservedWriter, copy_stream, unpack
+from backupd.pipeline import Digester, unpack
 from backupd.servers import ServerId, from_version_output
 from backupd.storage.base import Storage
+from backupd.streams import ObservedWriter, copy_stream
 
 log = structlog.get_logger("backupd.verify")
 CHECK_TIMEOUT = 600.0
@@ -44,7 +45,7 @@ def verify(storage: Storage, manifest: Manifest, *, identities: Sequence[Any] = 
     try:
         with storage.open_artifact(manifest) as stored:
             if not can_unpack:
-                counter = Counter()
+                counter = Digester()
                 copy_stream(stored, ObservedWriter(None, counter))
                 _compare(outcome, "stored", (counter.size, counter.digest().sha256),
                          (manifest.stored_size, manifest.stored_sha256))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,10 +12,11 @@ from typing import BinaryIO
 from backupd import checkpoints
 from backupd import manifest as mf
 from backupd.errors import IntegrityError, StorageError
+from backupd.fsio import atomic_file, write_all, write_atomic
 from backupd.manifest import Manifest
-from backupd.pipeline import write_atomic
 from backupd.storage import layout
 from backupd.storage.base import DeleteResult, Listing, Orphan
+from backupd.streams import CHUNK
 
 
 def ensure_dir(path: Path) -> None:
@@ -115,16 +115,11 @@ class LocalStorage:
         """Copy an artifact in (atomically), then commit it with its manifest."""
         dest = self.artifact_path(manifest)
         if artifact.resolve() != dest.resolve():
-            tmp = dest.with_name(layout.temp_name(dest.name, "put"))
             try:
-                with open(artifact, "rb") as src, open(
-                        os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.rename(tmp, dest)
+                with open(artifact, "rb") as src, atomic_file(dest) as out:
+                    while chunk := src.read(CHUNK):
+                        write_all(out, chunk)
             except OSError as exc:
-                tmp.unlink(missing_ok=True)
                 raise StorageError(f"cannot store {dest}: {exc.strerror}") from None
         self.write_manifest(manifest)
 

@@ -36,7 +36,7 @@ import docker.errors
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from backupd.pipeline import TEMP_MARK
+from backupd.storage.layout import TEMP_MARK
 from backupd.storage.local import LocalStorage
 
 from .conftest import (

@@ -35,7 +35,8 @@ import pyrage
 import pytest
 import zstandard
 
-from backupd.pipeline import load_identities, unpack
+from backupd.codecs import load_identities
+from backupd.pipeline import unpack
 from tests.conftest import write_config
 from tests.faults import harness
 from tests.faults.harness import STATS, Service, cli, cli_fast, info, populate, sha256

@@ -17,6 +17,7 @@ from backupd.errors import BackupdError, StorageError
 from backupd.manifest import Manifest
 from backupd.storage import layout
 from backupd.storage.s3.errors import BOTO_ERRORS
+from backupd.streams import RawReader
 
 if TYPE_CHECKING:
     from backupd.storage.s3.storage import S3Storage
@@ -48,7 +49,7 @@ def stream_part_size(number: int) -> int:
     return MIN_PART_SIZE << ((number - 1) // PARTS_PER_SIZE)
 
 
-class _FileRange(io.RawIOBase):
+class _FileRange(RawReader):
     """Bytes [start, start + length) of an open file as a seekable request body, read with
     pread: botocore hashes, signs, sends and (on a retry) resends it without ever holding the
     part in memory, and without moving the file's offset under the writer. Reads return at
@@ -58,9 +59,6 @@ class _FileRange(io.RawIOBase):
     def __init__(self, fd: int, start: int, length: int) -> None:
         super().__init__()
         self._fd, self._start, self._length, self._pos = fd, start, length, 0
-
-    def readable(self) -> bool:
-        return True
 
     def seekable(self) -> bool:
         return True
@@ -83,11 +81,6 @@ class _FileRange(io.RawIOBase):
             raise OSError(f"the artifact ends before byte {self._start + self._pos}")
         self._pos += len(data)
         return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        memoryview(buffer).cast("B")[: len(data)] = data
-        return len(data)
 
 
 @dataclass

@@ -38,6 +38,7 @@ from backupd.storage.s3.errors import (
     error_code,
 )
 from backupd.storage.s3.multipart import CHECKSUMS, MiB, StreamingUpload, part_size
+from backupd.streams import RawReader
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -77,7 +78,7 @@ class Upload:
         return layout.upload_orphan_name(self.name, self.token)
 
 
-class _Reader(io.RawIOBase):
+class _Reader(RawReader):
     """A raw stream over a botocore StreamingBody that maps read errors to StorageError."""
 
     def __init__(self, body: Any, describe: Callable[[BaseException], str]) -> None:
@@ -85,17 +86,12 @@ class _Reader(io.RawIOBase):
         self._body = body
         self._describe = describe
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
+    def read(self, size: int = -1, /) -> bytes:
         try:
-            data = self._body.read(len(view))
+            data: bytes = self._body.read(None if size is None or size < 0 else size)
         except BOTO_ERRORS as exc:
             raise StorageError(self._describe(exc)) from None
-        view[: len(data)] = data
-        return len(data)
+        return data
 
     def close(self) -> None:
         try:
