@@ -1,9 +1,7 @@
 """Prometheus metrics in a private registry, so only backupd's own series are exported.
 
-Why a module-level default (`METRICS`) with two small functions (`set_uploads_pending`,
-`observe_prune`): code outside the daemon can report without holding a Metrics object, and it is
-only visible when the daemon serves the registry. The daemon itself fills both from the
-CycleResult of each run. Tests build their own `Metrics()` to start from zero.
+The daemon's default is the module-level `METRICS`; it fills the series from the CycleResult of
+each run. Tests build their own `Metrics()` to start from zero.
 
 Alert on `time() - backupd_last_success_timestamp_seconds`: it is seeded at start-up from the
 newest local backup, so a restart does not reset it to 0 and page someone.
@@ -117,12 +115,3 @@ class Metrics:
 
 METRICS = Metrics()
 
-
-def set_uploads_pending(count: int) -> None:
-    """How many local backups still wait for their upload (the daemon sets it after each run)."""
-    METRICS.uploads_pending.set(count)
-
-
-def observe_prune(location: str, deleted: int) -> None:
-    """Retention deleted `deleted` backups in `location` ("local" or "s3")."""
-    METRICS.pruned(location, deleted)

@@ -182,7 +182,8 @@ def _pack_snapshot(snap: source.LiveSnapshot, dest: Path, config: Config,
     the followed bytes were not the dump's after all (see source.LiveSnapshot)."""
     while True:
         try:
-            return pack(_Marked(snap, config), dest, compression=config.backup.compression,
+            return pack(_CheckpointReader(snap, config), dest,
+                        compression=config.backup.compression,
                         level=config.backup.compression_level,
                         recipients=config.backup.age_recipients, follower=follower)
         except (source.FollowLost, IntegrityError) as exc:
@@ -192,7 +193,7 @@ def _pack_snapshot(snap: source.LiveSnapshot, dest: Path, config: Config,
                         "the file read during the save is not the dump Redis kept")
 
 
-class _Marked:
+class _CheckpointReader:
     """The snapshot, read through the crash-test stages when a test asked for them
     (backupd.checkpoints): copy after 1 MiB, compress after half, encrypt at the end."""
 

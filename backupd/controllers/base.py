@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from backupd import polling
 from backupd.errors import RestoreError
 
 Probe = Callable[[], bool]  # True while Redis answers PING
@@ -54,12 +55,9 @@ class Controller(Protocol):
 
 
 def poll_until(done: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `done` with backoff until it holds; RestoreError naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    delay = POLL_MIN
-    while not done():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise RestoreError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(min(delay, remaining))
-        delay = min(delay * 2, POLL_MAX)
+    """Poll `done` at the restore's pace until it holds; RestoreError naming `what` after
+    `timeout`."""
+    polling.poll_until(
+        done, time.monotonic() + timeout,
+        lambda: RestoreError(f"timed out after {timeout:g}s waiting for {what}"),
+        first=POLL_MIN, longest=POLL_MAX)

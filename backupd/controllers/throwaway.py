@@ -17,6 +17,7 @@ from pathlib import Path
 
 import redis
 
+from backupd import polling
 from backupd.errors import RestoreError
 from backupd.servers import ServerId, from_version_output
 
@@ -66,22 +67,18 @@ def throwaway_server(binary: str, rdb: Path, timeout: float) -> Iterator[redis.R
 
 def _wait_loaded(proc: subprocess.Popen[bytes], client: redis.Redis, log_file: Path,
                  timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    delay = 0.02
-    while True:
+    def loaded() -> bool:
         if proc.poll() is not None:
             raise RestoreError(f"the drill redis-server exited with status {proc.returncode} "
                                f"while loading: {_log_tail(log_file)}")
         try:
-            if client.ping() and not int(client.info("persistence").get("loading", 0)):
-                return
+            return bool(client.ping()) and not int(client.info("persistence").get("loading", 0))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-            pass  # not listening yet, or -LOADING (a ConnectionError subclass in redis-py)
-        if time.monotonic() >= deadline:
-            raise RestoreError(f"the drill redis-server did not finish loading within "
-                               f"{timeout:g}s (restore.start_timeout)")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.5)
+            return False  # not listening yet, or -LOADING (a ConnectionError subclass)
+
+    polling.poll_until(loaded, time.monotonic() + timeout, lambda: RestoreError(
+        f"the drill redis-server did not finish loading within {timeout:g}s "
+        "(restore.start_timeout)"), first=0.02, longest=0.5)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
