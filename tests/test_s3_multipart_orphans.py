@@ -9,7 +9,6 @@ Moto reports a fixed `Initiated` for every upload, so "a day later" is measured 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import boto3
 import pytest
+import structlog
 from botocore.exceptions import EndpointConnectionError
 from moto import mock_aws
 
@@ -222,7 +222,7 @@ def test_a_refused_abort_is_reported_and_an_upload_gone_meanwhile_counts_as_abor
 
 @pytest.mark.parametrize("fault", [denied, not_implemented, unreachable])
 def test_uploads_that_cannot_be_listed_leave_retention_as_before(
-        store: S3Storage, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        store: S3Storage, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, fault: Callable[..., Any]) -> None:
     monkeypatch.setattr(s3_mod, "_UPLOADS_UNLISTED", set())  # not warned yet in this process
     ids = committed(store, tmp_path, count=3)
@@ -231,13 +231,13 @@ def test_uploads_that_cannot_be_listed_leave_retention_as_before(
     start_upload(store.client, f"{PREFIX}{mf.new_id(T0)}.rdb.zst")
     on(store, LIST_UPLOADS, fault)
 
-    with caplog.at_level(logging.WARNING, logger="backupd.storage.s3"):
+    with structlog.testing.capture_logs() as logged:
         listing = store.listing()
         store.listing()  # warned once: a daemon does not repeat it on every run
     assert listing.complete
     assert [m.id for m in listing.manifests] == ids
     assert [o.name for o in listing.orphans] == [stray]
-    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    warnings = [str(e) for e in logged if e["log_level"] in ("warning", "error")]
     assert len(warnings) == 1 and "incomplete multipart uploads" in warnings[0], warnings
     assert SECRET not in warnings[0] and KEY_ID not in warnings[0]
 

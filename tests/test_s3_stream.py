@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from typing import Any
 
 import boto3
 import pytest
+import structlog
 from botocore.awsrequest import AWSResponse, HTTPHeaders
 from botocore.retries.standard import ExponentialBackoff
 from moto import mock_aws
@@ -185,14 +185,14 @@ def fail_parts_of(stream: StreamingUpload, storage: S3Storage) -> None:
     storage.client.meta.events.register("before-call.s3.UploadPart", fail)
 
 
-def test_failed_part_falls_back_to_uploading_the_file(store: S3Storage, tmp_path: Path,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_failed_part_falls_back_to_uploading_the_file(store: S3Storage, tmp_path: Path) -> None:
     stream = store.start_upload()
     fail_parts_of(stream, store)
     artifact, manifest = packed(tmp_path, make_rdb(os.urandom(SIZE)), stream)
-    with caplog.at_level(logging.WARNING, logger="backupd.storage.s3"):
+    with structlog.testing.capture_logs() as logged:
         stream.finish(artifact, manifest)
-    assert "streamed upload of backup" in caplog.text and "InternalError" in caplog.text
+    text = str([e for e in logged if e["log_level"] == "warning"])
+    assert "streamed upload of backup" in text and "InternalError" in text
     head = store.client.head_object(Bucket=BUCKET, Key=PREFIX + manifest.artifact)
     assert head["Metadata"][META_SHA256] == manifest.stored_sha256  # put() did it
     assert uploads(store) == [] and store.listing().manifests == [manifest]

@@ -9,10 +9,10 @@ delete marker.
 from __future__ import annotations
 
 import enum
-import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+import structlog
 from botocore.exceptions import ClientError
 
 from backupd import checkpoints
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from backupd.storage.s3.storage import S3Storage
 
-log = logging.getLogger("backupd.storage.s3")
+log = structlog.get_logger("backupd.storage.s3")
 
 MAX_DELETE_BATCH = 1000  # DeleteObjects limit
 
@@ -194,8 +194,8 @@ class Deleter:
                 if not is_missing_md5(error_code(exc), error_message(exc)):
                     reason = reasons.reason(exc)
                     return [(name, "", reason) for name, _ in targets]
-                log.warning("the S3 server rejected DeleteObjects without Content-MD5; "
-                            "deleting objects one by one")
+                log.warning("s3_delete_objects_rejected", hint="the S3 server wants "
+                            "Content-MD5 on DeleteObjects; deleting objects one by one")
                 self._single_deletes = True
             except BOTO_ERRORS as exc:
                 reason = reasons.reason(exc)

@@ -5,13 +5,14 @@ Also the part sizes of both uploads: S3 allows 10,000 parts of at most 5 GiB."""
 from __future__ import annotations
 
 import io
-import logging
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
+
+import structlog
 
 from backupd.errors import BackupdError, StorageError
 from backupd.manifest import Manifest
@@ -22,7 +23,7 @@ from backupd.streams import RawReader
 if TYPE_CHECKING:
     from backupd.storage.s3.storage import S3Storage
 
-log = logging.getLogger("backupd.storage.s3")
+log = structlog.get_logger("backupd.storage.s3")
 
 MiB = 1024 * 1024
 MIN_PART_SIZE = 8 * MiB
@@ -111,8 +112,8 @@ def abort_open_uploads(timeout: float) -> None:
     aborting.start()
     aborting.join(timeout)
     if aborting.is_alive():
-        log.warning("the incomplete multipart upload was not aborted within %.0f s; "
-                    "`backupd prune --orphans` aborts it after a day", timeout)
+        log.warning("s3_upload_not_aborted", timeout_s=timeout,
+                    hint="`backupd prune --orphans` aborts it after a day")
 
 
 class StreamingUpload:
@@ -178,9 +179,10 @@ class StreamingUpload:
             if self._complete(manifest):
                 return
         except Exception as exc:  # whatever it was, the file upload below is today's path
-            log.warning("streamed upload of backup %s failed (%s); uploading the finished "
-                        "artifact instead", manifest.id, exc if isinstance(exc, BackupdError)
-                        else type(exc).__name__)
+            log.warning("s3_stream_failed", id=manifest.id,
+                        error=str(exc) if isinstance(exc, BackupdError) else type(exc).__name__,
+                        hint="streamed upload of backup failed; uploading the finished "
+                        "artifact instead")
         finally:
             self.abort()
         self._storage.put(artifact, manifest)
@@ -209,7 +211,7 @@ class StreamingUpload:
         self._ended()
         problem = None if upload_id is None else self._storage.abort_multipart(self._key, upload_id)
         if problem is not None:
-            log.warning("could not abort the multipart upload of %s: %s", self._key, problem)
+            log.warning("s3_abort_failed", key=self._key, error=problem)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -315,6 +317,5 @@ class StreamingUpload:
             self._upload_id = None  # completed: nothing left to abort
         self._ended()
         storage.commit(key, size, manifest, action, single_part=False, streamed=True)
-        log.debug("uploaded backup %s to s3 while packing (%d bytes, %d parts)", manifest.id,
-                  size, len(parts))
+        log.debug("s3_uploaded", id=manifest.id, size=size, parts=len(parts), streamed=True)
         return True

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
+import structlog
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
@@ -43,7 +43,7 @@ from backupd.streams import RawReader
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-log = logging.getLogger("backupd.storage.s3")
+log = structlog.get_logger("backupd.storage.s3")
 
 MAX_CONCURRENCY = 4  # parallel part uploads (memory: a few parts in flight)
 MANIFEST_READERS = 8  # parallel manifest GETs in listing()
@@ -234,11 +234,11 @@ class S3Storage:
             uploads = self.uploads()
         except StorageError as exc:
             # Once per bucket and process: a daemon would repeat it on every run.
-            level = logging.DEBUG if self.bucket in _UPLOADS_UNLISTED else logging.WARNING
+            report = log.debug if self.bucket in _UPLOADS_UNLISTED else log.warning
             _UPLOADS_UNLISTED.add(self.bucket)
-            log.log(level, "%s; incomplete uploads are not cleaned up (grant "
-                    "s3:ListBucketMultipartUploads or add an AbortIncompleteMultipartUpload "
-                    "lifecycle rule)", exc)
+            report("s3_uploads_unlisted", error=str(exc), hint="incomplete uploads are not "
+                   "cleaned up (grant s3:ListBucketMultipartUploads or add an "
+                   "AbortIncompleteMultipartUpload lifecycle rule)")
             return []
         return [Orphan(name=u.orphan_name, modified=u.initiated, size=0) for u in uploads]
 
@@ -357,7 +357,7 @@ class S3Storage:
         except BOTO_ERRORS as exc:
             raise self.reasons.error(action, exc, key) from None
         self.commit(key, size, manifest, action, single_part=size < chunk)
-        log.debug("uploaded backup %s to s3 (%d bytes, %d-byte parts)", manifest.id, size, chunk)
+        log.debug("s3_uploaded", id=manifest.id, size=size, part_size=chunk)
 
     def start_upload(self) -> StreamingUpload:
         """A multipart upload to feed while pack() writes the artifact (see StreamingUpload)."""
@@ -413,8 +413,7 @@ class S3Storage:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=key)
         except BOTO_ERRORS as exc:
-            log.warning("could not delete uncommitted S3 object %s: %s", key,
-                        self.reasons.reason(exc, key))
+            log.warning("s3_discard_failed", key=key, error=self.reasons.reason(exc, key))
 
     def _put_manifest(self, manifest: Manifest, action: str) -> None:
         key = self._manifest_key(manifest.id)
