@@ -21,6 +21,7 @@ from backupd.errors import IntegrityError, StorageError
 from backupd.manifest import Manifest
 from backupd.storage import layout
 from backupd.storage.base import DeleteResult, Listing, Orphan
+from backupd.storage.local import listing_of
 
 
 @dataclass
@@ -65,28 +66,11 @@ class MemoryStorage:
         self.calls.append("listing")
         if self.faults.listing is not None:
             raise self.faults.listing
-        listing = Listing(complete=not self.faults.incomplete)
-        claimed: set[str] = set()
-        for name in sorted(self.objects, reverse=True):
-            backup_id = layout.manifest_id(name)
-            if backup_id is None:
-                continue
-            claimed.add(name)
-            try:
-                manifest = self.read_manifest(backup_id)
-            except (IntegrityError, StorageError) as exc:
-                listing.broken[backup_id] = str(exc)
-                listing.complete = listing.complete and backup_id not in self.faults.unreadable
-                claimed.update(n for n in self.objects if n.startswith(backup_id + "."))
-                continue
-            if manifest.artifact not in self.objects:
-                listing.broken[backup_id] = f"artifact {manifest.artifact} is missing"
-                continue
-            claimed.add(manifest.artifact)
-            listing.manifests.append(manifest)
-        listing.orphans = [Orphan(name, obj.modified, len(obj.data))
-                           for name, obj in sorted(self.objects.items())
-                           if name not in claimed and layout.is_ours_local(name)]
+        listing = listing_of(sorted(self.objects), self.read_manifest, lambda name: Orphan(
+            name, self.objects[name].modified, len(self.objects[name].data)))
+        # As S3Storage: a manifest that could not be read (not a bad file) may hide a backup.
+        listing.complete = not self.faults.incomplete and not (
+            self.faults.unreadable & set(listing.broken))
         return listing
 
     def read_manifest(self, backup_id: str) -> Manifest:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -54,34 +54,13 @@ class LocalStorage:
             return listing
         except OSError as exc:
             raise StorageError(f"cannot list {self.dir}: {exc.strerror}") from None
-        names = {entry.name: entry for entry in entries if entry.is_file(follow_symlinks=False)}
-        claimed: set[str] = set()
-        for name in sorted(names, reverse=True):
-            backup_id = layout.manifest_id(name)
-            if backup_id is None:
-                continue
-            claimed.add(name)
-            try:
-                manifest = self.read_manifest(backup_id)
-            except (IntegrityError, StorageError) as exc:
-                listing.broken[backup_id] = str(exc)
-                # Not understood (damaged, or written by a newer backupd): its files are
-                # neither a backup nor leftovers, so that nothing deletes what may be the only
-                # copy of that backup (as S3Storage.listing does).
-                claimed.update(n for n in names if n.startswith(backup_id + "."))
-                continue
-            if manifest.artifact not in names:
-                listing.broken[backup_id] = f"artifact {manifest.artifact} is missing"
-                continue
-            claimed.add(manifest.artifact)
-            listing.manifests.append(manifest)
-        for name, entry in names.items():
-            if name in claimed or not layout.is_ours_local(name):
-                continue
-            stat = entry.stat(follow_symlinks=False)
-            listing.orphans.append(Orphan(name, datetime.fromtimestamp(stat.st_mtime, UTC),
-                                          stat.st_size))
-        return listing
+        files = {entry.name: entry for entry in entries if entry.is_file(follow_symlinks=False)}
+
+        def orphan(name: str) -> Orphan:
+            stat = files[name].stat(follow_symlinks=False)
+            return Orphan(name, datetime.fromtimestamp(stat.st_mtime, UTC), stat.st_size)
+
+        return listing_of(files, self.read_manifest, orphan)
 
     def read_manifest(self, backup_id: str) -> Manifest:
         path = self.manifest_path(backup_id)
@@ -149,3 +128,35 @@ class LocalStorage:
                 result.failed[name] = exc.strerror or str(exc)
         return result
 
+
+def listing_of(names: Iterable[str], read_manifest: Callable[[str], Manifest],
+               orphan: Callable[[str], Orphan]) -> Listing:
+    """The listing of a flat set of names, as a directory holds them: a manifest of ours with
+    its artifact is a backup; one that cannot be read is broken, and so is one whose artifact
+    is missing; any other name of ours is an orphan (`orphan` describes it)."""
+    names = list(names)
+    present = set(names)
+    listing = Listing()
+    claimed: set[str] = set()
+    for name in sorted(names, reverse=True):
+        backup_id = layout.manifest_id(name)
+        if backup_id is None:
+            continue
+        claimed.add(name)
+        try:
+            manifest = read_manifest(backup_id)
+        except (IntegrityError, StorageError) as exc:
+            listing.broken[backup_id] = str(exc)
+            # Not understood (damaged, or written by a newer backupd): its files are neither
+            # a backup nor leftovers, so that nothing deletes what may be the only copy of that
+            # backup (as S3Storage.listing does).
+            claimed.update(n for n in names if n.startswith(backup_id + "."))
+            continue
+        if manifest.artifact not in present:
+            listing.broken[backup_id] = f"artifact {manifest.artifact} is missing"
+            continue
+        claimed.add(manifest.artifact)
+        listing.manifests.append(manifest)
+    listing.orphans = [orphan(name) for name in names
+                       if name not in claimed and layout.is_ours_local(name)]
+    return listing
