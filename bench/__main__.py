@@ -1,4 +1,4 @@
-"""`python -m bench` (`make bench`): every scenario of issue 6, then docs/benchmarks.{md,json}."""
+"""`python -m bench` (`make bench`): every scenario, then docs/benchmarks.{md,json}."""
 
 from __future__ import annotations
 

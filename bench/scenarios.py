@@ -1,4 +1,4 @@
-"""The scenarios of issue 6, each timing backupd and its baseline alternately in the same run.
+"""The benchmark's scenarios, each timing backupd and its baseline alternately in the same run.
 
 Work happens in bench/.cache/run/ (emptied at the start); datasets come from bench.datasets.
 """

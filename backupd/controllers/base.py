@@ -3,8 +3,7 @@
 The order of operations lives in `backupd.actions.restore`; a controller only knows how to stop
 and start its Redis and, where it can tell, whether it is running. The one difference in order
 is `swap_while_running`: the `shutdown` method cannot start Redis itself, so the files are swapped
-in while Redis runs and the shutdown makes the restart policy load them
-(shared/notes/redis.md, section 4).
+in while Redis runs and the shutdown makes the restart policy load them.
 """
 
 from __future__ import annotations

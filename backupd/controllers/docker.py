@@ -5,7 +5,7 @@ socket proxy that allows just inspect/start/stop (see the README). The container
 name, or by the compose labels `com.docker.compose.project` / `com.docker.compose.service`
 because compose v1 and v2 name containers differently. The SDK's HTTP read timeout is the client
 timeout, and `stop` blocks for up to the stop grace period, so the client timeout is set above
-`restore.stop_timeout` (shared/notes/redis.md, section 4).
+`restore.stop_timeout` (docker SDK 7.2: the read timeout is the client's timeout + 10 s).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The files are swapped in while Redis runs (after `CONFIG SET save ""` and with n
 then `SHUTDOWN NOSAVE NOW` makes Redis exit without writing anything, and the container's restart
 policy (`always` or `unless-stopped`) starts it on the new files. Redis cannot report that policy,
 so the restore waits for a new `run_id` within `restore.start_timeout` and says what to check when
-none appears (shared/notes/redis.md, section 4: verified, 2.9 s for 112 MB).
+none appears.
 """
 
 from __future__ import annotations
