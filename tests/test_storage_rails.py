@@ -137,7 +137,7 @@ def local_with_pending(tmp_path: Path, count: int) -> tuple[LocalStorage, list[M
 def test_pending_uploads_go_oldest_first_and_are_marked_done(tmp_path: Path) -> None:
     local, mans = local_with_pending(tmp_path, 3)
     remote = MemoryStorage("s3")
-    result = upload_pending(local, remote)  # type: ignore[arg-type]
+    result = upload_pending(local, remote)
     assert result.uploaded == [m.id for m in mans] and result.failed == {}
     assert remote.calls == [f"put {m.id}" for m in mans]
     assert pending(local) == []
@@ -149,7 +149,7 @@ def test_one_failed_upload_stays_pending_and_does_not_stop_the_others(tmp_path: 
     local, mans = local_with_pending(tmp_path, 3)
     remote = MemoryStorage("s3")
     remote.faults.put = {mans[1].id: StorageError("S3: upload failed: InternalError")}
-    result = upload_pending(local, remote)  # type: ignore[arg-type]
+    result = upload_pending(local, remote)
     assert result.uploaded == [mans[0].id, mans[2].id]
     assert list(result.failed) == [mans[1].id] and "InternalError" in result.failed[mans[1].id]
     assert "marked pending" in result.failed[mans[1].id]
@@ -159,7 +159,7 @@ def test_one_failed_upload_stays_pending_and_does_not_stop_the_others(tmp_path: 
 def test_without_keep_local_the_uploaded_copy_leaves_the_directory(tmp_path: Path) -> None:
     local, mans = local_with_pending(tmp_path, 2)
     remote = MemoryStorage("s3")
-    assert upload_pending(local, remote, keep_local=False).uploaded == [  # type: ignore[arg-type]
+    assert upload_pending(local, remote, keep_local=False).uploaded == [
         m.id for m in mans]
     assert local.listing().manifests == [] and len(remote.listing().manifests) == 2
 
