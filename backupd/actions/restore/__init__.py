@@ -7,8 +7,9 @@ Order of operations (issue 4; shared/notes/redis.md sections 2-4), nothing destr
    RDB CRC and header in the same pass.
 2. Ask Redis (INFO, CONFIG GET) for its version, file names, AOF state and key count; refuse an
    RDB newer than the server can load, before anything stops.
-3. Prepare the files: the RDB as `dbfilename` and, with AOF on, a fresh AOF directory whose base
-   is the backup (Redis with appendonly loads only the AOF), owned like the existing files.
+3. Prepare the files: the RDB as `dbfilename` and a fresh AOF directory whose base is the
+   backup (Redis with appendonly loads only the AOF), owned like the existing files. Both,
+   whatever `appendonly` says now: a runtime `CONFIG SET appendonly` is forgotten at restart.
 4. `CONFIG SET save ""` (so no shutdown save can overwrite the new files), wait until no child
    runs, stop Redis with the configured method.
 5. Move the current files aside into `.backupd-pre-restore-<time>`, rename the new ones in,
@@ -362,8 +363,8 @@ def plan_text(ctx: Context, selected: Selected, prepared: Prepared,
     m, t, o = selected.manifest, prepared.target, prepared.owner
     stop = "SHUTDOWN NOSAVE NOW (after the swap)" if ctx.controller.swap_while_running \
         else f"stop Redis ({ctx.method})"
-    files = t.dbfilename + (f", {t.aof_dir}/ ({t.aof_file}.1.base.rdb + "
-                            f"{t.aof_file}.manifest)" if t.aof else "")
+    files = (f"{t.dbfilename}, {t.aof_dir}/ ({t.aof_file}.1.base.rdb + {t.aof_file}.manifest;"
+             " loaded whether the restart has appendonly on or off)")
     start = ("restart policy starts Redis; wait for a new run_id" if
              ctx.controller.swap_while_running else
              "start Redis" if t.running or ctx.opts.start else

@@ -155,7 +155,7 @@ class Staged:
     dir: Path
     entries: list[str]
     rdb_version: int
-    aof_base: str | None
+    aof_base: str
 
 
 class _Meter:
@@ -248,7 +248,7 @@ def stage(selected: Selected, target: Target, data_dir: Path, identities: Sequen
             result = fetch_and_check(selected, fh, identities, bar)
             os.fsync(fh.fileno())
         _own(rdb_path, owner, owner.file_mode)
-        base = _stage_aof(staging, target, rdb_path, owner) if target.aof else None
+        base = _stage_aof(staging, target, rdb_path, owner)
         fsync_dir(staging)
     except BaseException:
         remove_tree(staging)
@@ -298,8 +298,9 @@ def remove_tree(path: Path) -> None:
 
 
 def check_space(data_dir: Path, manifest: Manifest, target: Target, snapshot: bool) -> int:
-    """Staging needs the RDB (twice with AOF); a safety BGSAVE needs about one more RDB."""
-    needed = manifest.raw_size * (2 if target.aof else 1)
+    """Staging needs the RDB twice (dump file and AOF base); a safety BGSAVE needs about one
+    more RDB."""
+    needed = manifest.raw_size * 2
     if snapshot:
         needed += _size_or(data_dir / target.dbfilename, target.used_memory)
     source.check_space(data_dir, needed, f"staging backup {manifest.id}")
