@@ -6,17 +6,21 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.conftest import PASSWORD, fill, run_cli
 from tests.test_restore import (
     Service,
     backup,
     contents,
+    leftovers,
     populate,
     restore,
     rewrite,
     services,  # noqa: F401 - the fixture (parameters naming it: noqa F811)
+    sha256,
 )
 
 
@@ -46,3 +50,129 @@ def test_runtime_aof_flag_does_not_decide_what_is_restored(
     assert contents(service) == expected
     base = service.dir / "appendonlydir" / "appendonly.aof.1.base.rdb"
     assert base.read_bytes() == (service.dir / "dump.rdb").read_bytes()
+
+
+def assert_untouched(service: Service, run_id: str, before: dict[tuple[int, str], Any]) -> None:
+    assert service.run_id() == run_id and contents(service) == before
+    assert leftovers(service.dir) == []
+
+
+@pytest.mark.parametrize("method", ["command", "shutdown"])
+def test_backup_with_more_databases_than_the_target_is_refused(
+        tmp_path: Path, services: Callable[..., Service], method: str) -> None:  # noqa: F811
+    """Case 2: db 15 into `databases 4` would make Redis exit at startup, again and again."""
+    origin = services(name="origin")
+    populate(origin, "origin", 50)
+    fill(origin.server, 10, db=15, prefix="high")
+    backups = tmp_path / "backups"
+    backup(origin.config(tmp_path / "origin.toml", backups))
+    target = services("--databases", "4", name="target",
+                      supervised="always" if method == "shutdown" else None)
+    populate(target, "target", 30)
+    config = target.config(tmp_path / "target.toml", backups, method=method)
+    before, run_id = contents(target), target.run_id()
+    for args in (["--dry-run"], ["--yes"]):
+        proc = restore(config, *args)
+        assert proc.returncode == 1, proc.stderr
+        error = last_error(proc.stderr)
+        assert "db15" in error and "`databases 4`" in error and "databases 16" in error
+        assert "Nothing was stopped" in error
+    assert_untouched(target, run_id, before)
+
+
+def big_values(service: Service, megabytes: int) -> None:
+    client = service.client()
+    pipe = client.pipeline(transaction=False)
+    for i in range(megabytes * 1000):
+        pipe.set(f"big:{i}", f"{i:08d}" + "v" * 1000)
+    pipe.execute()
+    client.close()
+
+
+def test_backup_larger_than_maxmemory_is_refused_or_evicts_and_rolls_back(
+        tmp_path: Path, services: Callable[..., Service]) -> None:  # noqa: F811
+    """Case 3: a 31 MB dataset into maxmemory 15mb + allkeys-lru."""
+    origin = services(name="origin")
+    big_values(origin, 31)
+    backups = tmp_path / "backups"
+    backup_id = backup(origin.config(tmp_path / "origin.toml", backups))
+    manifest = json.loads((backups / f"{backup_id}.json").read_text())
+    assert manifest["redis"]["used_memory"] > 31_000_000
+    assert manifest["redis"]["maxmemory_policy"] == "noeviction"
+    target = services("--maxmemory", "15mb", "--maxmemory-policy", "allkeys-lru",
+                      name="target")
+    populate(target, "target", 30)
+    config = target.config(tmp_path / "target.toml", backups)
+    before, run_id = contents(target), target.run_id()
+    proc = restore(config, "--yes")
+    assert proc.returncode == 1, proc.stderr
+    error = last_error(proc.stderr)
+    assert "maxmemory 15.0 MiB" in error and "evict" in error and "--force-memory" in error
+    assert_untouched(target, run_id, before)
+
+    dry = restore(config, "--dry-run", "--force-memory")
+    assert dry.returncode == 0, dry.stderr
+    assert "WARNING  backup" in dry.stdout and "--force-memory given" in dry.stdout
+    forced = restore(config, "--yes", "--force-memory")
+    assert forced.returncode == 1, forced.stderr
+    error = last_error(forced.stderr)
+    assert "Redis evicted" in error and "allkeys-lru" in error and "rolled back" in error
+    assert contents(target) == before and leftovers(target.dir) == []
+
+
+def test_runtime_only_acl_user(tmp_path: Path, services: Callable[..., Service]) -> None:  # noqa: F811
+    """Case 4: the restore's user was made with ACL SETUSER and is gone after the restart."""
+    service = services()
+    client = service.client()
+    client.acl_setuser("restorer", enabled=True, passwords=[f"+{PASSWORD}"], keys=["*"],
+                       channels=["*"], commands=["+@all"])
+    client.close()
+    populate(service, "orig")
+    backups = tmp_path / "backups"
+    config = service.config(tmp_path / "config.toml", backups)
+    config.write_text(config.read_text().replace("port =", 'username = "restorer"\nport ='))
+    backup_id = backup(config)
+    rewrite(service)
+    dry = restore(config, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "WARNING  Redis runs without a config file or aclfile" in dry.stdout
+    assert "'restorer' exists only at runtime" in dry.stdout
+    proc = restore(config, backup_id, "--yes")
+    assert proc.returncode == 1, proc.stderr
+    error = last_error(proc.stderr)
+    manifest = json.loads((backups / f"{backup_id}.json").read_text())
+    assert sha256(service.dir / "dump.rdb") == manifest["raw_sha256"]
+    assert f"the files of backup {backup_id} are in place" in error
+    assert "'restorer'" in error and "exists only at runtime" in error
+    assert "backupd restore --rollback" in error and PASSWORD not in proc.stderr
+    (pre,) = leftovers(service.dir)
+    assert pre in error
+
+
+def test_config_renamed(tmp_path: Path, services: Callable[..., Service]) -> None:  # noqa: F811
+    """Case 5: rename-command CONFIG "": one message naming what restore needs."""
+    service = services("--rename-command", "CONFIG", "")
+    populate(service, "orig")
+    backups = tmp_path / "backups"
+    config = service.config(tmp_path / "config.toml", backups)
+    made = run_cli("-c", str(config), "backup", "--no-prune")
+    assert made.returncode == 0, made.stderr
+    assert "rename-command CONFIG" in made.stderr and "+config|get" not in made.stderr
+    before, run_id = contents(service), service.run_id()
+    for method in ("command", "shutdown"):
+        proc = restore(config, "--yes", "--method", method)
+        assert proc.returncode == 1, proc.stderr
+        error = last_error(proc.stderr)
+        assert "rename-command CONFIG" in error and "+config|get +config|set" in error
+        assert "Nothing was stopped" in error and "unknown command" not in error
+        assert json.loads(proc.stderr.strip().splitlines()[-1]).get("event") != \
+            "unexpected_error"
+    assert_untouched(service, run_id, before)
+    # With the file names in the config, the command method restores without CONFIG.
+    expected = backup_contents = contents(service)
+    config.write_text(config.read_text().replace(
+        "port =", 'dbfilename = "dump.rdb"\nappenddirname = "appendonlydir"\nport ='))
+    rewrite(service)
+    proc = restore(config, "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert contents(service) == expected == backup_contents

@@ -69,6 +69,13 @@ from backupd.actions.restore.leftovers import (
     settle_leftovers,
 )
 from backupd.actions.restore.options import Options, Ui, require_confirmation_possible
+from backupd.actions.restore.preflight import (
+    Findings,
+    highest_db,
+    preflight,
+    user_persistence,
+)
+from backupd.actions.restore.restarted import check_evictions, check_keyspace, check_sample
 from backupd.actions.restore.staging import (
     Owner,
     Selected,
@@ -96,6 +103,7 @@ from backupd.actions.restore.target import (
     Target,
     check_target,
     check_version,
+    config_unavailable_text,
     inspect_target,
     wait_ready,
 )
@@ -104,6 +112,7 @@ from backupd.controllers.base import Controller
 from backupd.controllers.factory import make_controller
 from backupd.errors import (
     BackupdError,
+    RedisAuthError,
     RestoreError,
 )
 
@@ -175,6 +184,7 @@ class Prepared:
     version_note: str
     snapshot: bool
     space: int
+    findings: Findings
 
 
 def _failover_held_off(ctx: Context) -> contextlib.AbstractContextManager[None]:
@@ -191,11 +201,15 @@ def _prepare(ctx: Context, selected: Selected) -> Prepared:
     ctx.controller.check()
     target = inspect_target(ctx.link, ctx.controller, ctx.data_dir)
     check_target(target)
+    if ctx.controller.swap_while_running and target.config_denied:
+        raise RestoreError(config_unavailable_text(target.config_denied)
+                           + " (The shutdown method swaps while Redis runs: it needs CONFIG.)")
     if ctx.controller.swap_while_running and not target.answers:
         raise RestoreError("Redis is not answering, and the shutdown method needs a running "
                            "Redis to shut down; start Redis, or use --method command|docker")
     note = check_version(selected.manifest, selected.manifest.rdb_version, target,
                          ctx.controller, ctx.data_dir)
+    findings = preflight(selected.manifest, target, ctx.opts.force_memory, _user_note(ctx, target))
     _check_data_dir(ctx.data_dir, target)
     owner = data_owner(ctx.data_dir, target)
     check_owner_possible(owner)
@@ -203,7 +217,18 @@ def _prepare(ctx: Context, selected: Selected) -> Prepared:
     space = check_space(ctx.data_dir, selected.manifest, target, snapshot)
     log.info("restore_step", step=2, what="target checked", redis=target.version or "down",
              keys=target.keys, aof=target.aof, method=ctx.method, version_check=note)
-    return Prepared(target, owner, note, snapshot, space)
+    return Prepared(target, owner, note, snapshot, space, findings)
+
+
+def _user_note(ctx: Context, target: Target) -> str:
+    if not target.answers or target.config_denied:
+        return ""
+    client = ctx.link.connect()
+    try:
+        with ctx.link.errors():
+            return user_persistence(client, ctx.config.redis.username, ctx.data_dir)
+    finally:
+        client.close()
 
 
 def _check_data_dir(data_dir: Path, target: Target) -> None:
@@ -245,6 +270,11 @@ def _replace(ctx: Context, selected: Selected, prepared: Prepared, staged: Stage
         info = wait_ready(ctx.link, target.run_id, ctx.config.restore.start_timeout)
         loaded = check_loaded(info, selected.manifest.keys, started,
                               selected.manifest.keys_exact)
+        check_keyspace(info, selected.manifest)
+        _check_sample(ctx, staged)
+    except RedisAuthError as exc:
+        # Rolling back would need the same login: say what is on disk and how to undo it.
+        raise RestoreError(_login_lost_text(ctx, run, selected, prepared, exc)) from None
     except BackupdError as exc:
         if ctx.controller.swap_while_running and ctx.link.ready_info() is None:
             raise RestoreError(_not_back_text(ctx, run, selected, exc)) from None
@@ -254,6 +284,17 @@ def _replace(ctx: Context, selected: Selected, prepared: Prepared, staged: Stage
         for line in discovery.replicas_resynced(ctx.config.redis, ctx.env, ctx.link.endpoint,
                                                 loaded.keys, ctx.config.restore.start_timeout):
             ctx.ui.echo(line)
+
+
+def _check_sample(ctx: Context, staged: Staged) -> None:
+    client = ctx.link.connect()
+    try:
+        with ctx.link.errors():
+            checked = check_sample(client, staged.sample)
+            check_evictions(client.info("everything"))
+    finally:
+        client.close()
+    log.info("key_sample_checked", keys=checked)
 
 
 def _safety_snapshot(ctx: Context) -> None:
@@ -272,15 +313,17 @@ def _current_state(ctx: Context, target: Target) -> tuple[int | None, dict[str, 
     client = ctx.link.connect()
     try:
         with ctx.link.errors():
-            return source.server_info(client, ctx.link.cfg).keys, read_config(
-                client, target.aof)
+            return source.server_info(client, ctx.link.cfg).keys, (
+                {} if target.config_denied else read_config(client, target.aof))
     finally:
         client.close()
 
 
 def _stop_and_swap(run: Run, target: Target, staged: Staged, should_start: bool) -> None:
-    if target.answers:
+    if target.answers and not target.config_denied:
         quiesce(run.link, target.aof, run.save_timeout, live=run.controller.swap_while_running)
+    elif target.answers:  # command/docker: stopped before the swap, a late save is harmless
+        log.warning("quiesce_skipped", reason=target.config_denied)
     if run.controller.swap_while_running:
         swap_in(run, staged)
         run.journal.advance(run.pre_dir, RESTARTING)
@@ -317,6 +360,18 @@ def _fail(ctx: Context, run: Run, selected: Selected, cause: BaseException) -> N
     raise RestoreError(f"restore of backup {selected.manifest.id} failed: {reason}. It was "
                        f"rolled back: the previous files are back in place and the data is as "
                        f"before ({state}).")
+
+
+def _login_lost_text(ctx: Context, run: Run, selected: Selected, prepared: Prepared,
+                     cause: BaseException) -> str:
+    t = prepared.target
+    why = prepared.findings.user_note or "it may have existed only at runtime"
+    return (f"the files of backup {selected.manifest.id} are in place ({ctx.data_dir}/"
+            f"{t.dbfilename} and {t.aof_dir}/) and Redis restarted on them, but it now rejects "
+            f"the restore's login ({cause}); {why}. The data Redis loaded was not checked. The "
+            f"previous files are kept in {run.pre_dir}: to go back, run `backupd restore "
+            "--rollback` with a user that exists after a restart (redis.username, e.g. the "
+            "default user).")
 
 
 def _not_back_text(ctx: Context, run: Run, selected: Selected, cause: BaseException) -> str:
@@ -400,8 +455,13 @@ def plan_text(ctx: Context, selected: Selected, prepared: Prepared,
         f"    6. {start}; wait up to {ctx.config.restore.start_timeout:g}s for PING and "
         f"loading:0; check {m.keys} keys loaded",
         "    on failure in 4-6: put the previous files back and start Redis",
+        f"  checks   databases (backup up to db{highest_db(m)}"
+        + (f", target has {t.databases}" if t.databases is not None else "") + "), memory ("
+        + (f"maxmemory {t.maxmemory}" if t.maxmemory else "no maxmemory") + "), ACL user, "
+        "then after the start: keys per db and "
+        + (f"{len(m.key_sample)} sampled keys" if m.key_sample else "sampled keys"),
     ]
-    lines += [f"  WARNING  {text}" for text in leftovers]
+    lines += [f"  WARNING  {text}" for text in (*prepared.findings.warnings, *leftovers)]
     return "\n".join(lines)
 
 

@@ -37,6 +37,7 @@ from backupd.pipeline import (
     unpack,
     write_atomic,
 )
+from backupd.rdb_keys import SampledKey, sample_file
 from backupd.storage.base import Listing, Storage
 
 log = structlog.get_logger("backupd.restore")
@@ -156,6 +157,7 @@ class Staged:
     entries: list[str]
     rdb_version: int
     aof_base: str
+    sample: list[SampledKey]
 
 
 class _Meter:
@@ -248,6 +250,7 @@ def stage(selected: Selected, target: Target, data_dir: Path, identities: Sequen
             result = fetch_and_check(selected, fh, identities, bar)
             os.fsync(fh.fileno())
         _own(rdb_path, owner, owner.file_mode)
+        sample = _sample(rdb_path, selected.manifest)
         base = _stage_aof(staging, target, rdb_path, owner)
         fsync_dir(staging)
     except BaseException:
@@ -255,7 +258,19 @@ def stage(selected: Selected, target: Target, data_dir: Path, identities: Sequen
         raise
     log.info("restore_step", step=1, what="staged and verified", dir=str(staging),
              rdb_version=result.rdb.version, rdb_crc=result.rdb.checksum, aof_base=base)
-    return Staged(staging, target.entries, result.rdb.version, base)
+    return Staged(staging, target.entries, result.rdb.version, base, sample)
+
+
+def _sample(rdb_path: Path, manifest: Manifest) -> list[SampledKey]:
+    """The key sample, read from the staged (verified) RDB: the manifest records only the
+    names' digests. Keys the manifest lists and the file does not give mean another reader
+    version: the file decides (its SHA-256 was checked), with a note."""
+    with open(rdb_path, "rb") as fh:
+        sampler = sample_file(fh, (int(db[2:]) for db in manifest.keys_per_db))
+    found = {f"{k.db}:{k.type}:{k.digest}" for k in sampler.keys}
+    if manifest.key_sample and not set(manifest.key_sample) <= found:
+        log.warning("key_sample_differs", manifest=len(manifest.key_sample), file=len(found))
+    return sampler.keys
 
 
 def _stage_aof(staging: Path, target: Target, rdb_path: Path, owner: Owner) -> str:

@@ -152,7 +152,7 @@ def _target_from_server(client: redis.Redis, cfg: RedisConfig) -> Target:
     conf, denied = read_config_keys(client, _CONFIG_KEYS)
     if denied:
         log.warning("config_unavailable", reason=denied)
-    names = {key: getattr(cfg, key) or conf.get(key, "") for key in
+    names = {key: conf.get(key, "") or getattr(cfg, key) for key in
              ("dbfilename", "appenddirname", "appendfilename")}
     if denied and not (names["dbfilename"] and names["appenddirname"]):
         raise RestoreError(config_unavailable_text(denied))
