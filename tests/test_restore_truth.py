@@ -4,14 +4,17 @@ and after, on real redis-server processes controlled like services (tests/test_r
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anycrc
 import pytest
 
-from tests.conftest import PASSWORD, fill, run_cli
+from tests.conftest import PASSWORD, RedisServer, fill, run_cli
 from tests.test_restore import (
+    CTL,
     Service,
     backup,
     contents,
@@ -21,6 +24,7 @@ from tests.test_restore import (
     rewrite,
     services,  # noqa: F401 - the fixture (parameters naming it: noqa F811)
     sha256,
+    svc_setup,  # noqa: F401 - a fixture
 )
 
 
@@ -176,3 +180,56 @@ def test_config_renamed(tmp_path: Path, services: Callable[..., Service]) -> Non
     proc = restore(config, "--yes")
     assert proc.returncode == 0, proc.stderr
     assert contents(service) == expected == backup_contents
+
+
+# -- the check after the start: a restore never exits 0 unless the data is the backup --------
+
+
+def test_keys_per_db_must_match(svc_setup: tuple[Service, Path, Path]) -> None:  # noqa: F811
+    service, config, backups = svc_setup
+    backup_id = backup(config)
+    path = backups / f"{backup_id}.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["keys_per_db"] == {"db0": 302, "db2": 21}
+    manifest["keys_per_db"] = {"db0": 301, "db2": 22}  # same total: only per db tells
+    manifest["keys_exact"] = True
+    path.write_text(json.dumps(manifest))
+    rewrite(service)
+    before = contents(service)
+    proc = restore(config, backup_id, "--yes")
+    assert proc.returncode == 1, proc.stderr
+    error = last_error(proc.stderr)
+    assert "db0 has 302 keys, the backup 301" in error and "db2 has 21 keys, the backup 22" \
+        in error and "rolled back" in error
+    assert contents(service) == before and leftovers(service.dir) == []
+
+
+def renamed_keys(raw: bytes, old: bytes, new: bytes) -> bytes:
+    """The same RDB with key names changed (same lengths), with a correct CRC."""
+    body = raw[:-8].replace(old, new)
+    crc: int = anycrc.Model("CRC64-REDIS").calc(body)
+    return body + crc.to_bytes(8, "little")
+
+
+def test_sampled_keys_must_exist(tmp_path: Path,
+                                 svc_setup: tuple[Service, Path, Path]) -> None:  # noqa: F811
+    """Redis restarts on other data with the same keys per db (here: the start command uses
+    another dir): only the key sample tells."""
+    service, config, backups = svc_setup
+    backup_id = backup(config)
+    manifest = json.loads((backups / f"{backup_id}.json").read_text())
+    assert len(manifest["key_sample"]) == 16  # 8 of db0, 8 of db2
+    decoy_dir = tmp_path / "decoy"
+    decoy_dir.mkdir()
+    raw = (service.dir / "dump.rdb").read_bytes()
+    (decoy_dir / "dump.rdb").write_bytes(renamed_keys(raw, b"orig", b"fake"))
+    decoy = RedisServer(decoy_dir, service.server.port, PASSWORD, [])
+    start = [sys.executable, str(CTL), "start", str(service.pidfile), "--", *decoy.argv()]
+    config.write_text(config.read_text().replace(
+        "start_command = ", f"start_command = {json.dumps(start)}\nold_start = "))
+    config.write_text(config.read_text().replace("old_start = ", "# "))
+    proc = restore(config, backup_id, "--yes")
+    assert proc.returncode == 1, proc.stderr
+    error = last_error(proc.stderr)
+    assert "16 of 16 sampled keys" in error and "Redis loaded other data" in error
+    assert "rolled back" in error
