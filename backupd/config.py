@@ -164,6 +164,7 @@ class RestoreConfig:
     compose_service: str = "redis"
     stop_timeout: float = _duration("60s")
     start_timeout: float = _duration("5m")
+    answer_timeout: float = _duration("10s")  # silent this long after the start = dead
     stop_command: list[str] = _strings()
     start_command: list[str] = _strings()
     command_timeout: float = _duration("2m")

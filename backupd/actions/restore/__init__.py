@@ -112,7 +112,9 @@ from backupd.controllers.base import Controller
 from backupd.controllers.factory import make_controller
 from backupd.errors import (
     BackupdError,
+    NeverAnswered,
     RedisAuthError,
+    RedisExited,
     RestoreError,
 )
 
@@ -267,7 +269,8 @@ def _replace(ctx: Context, selected: Selected, prepared: Prepared, staged: Stage
         _finish(ctx, run, selected, None)
         return
     try:
-        info = wait_ready(ctx.link, target.run_id, ctx.config.restore.start_timeout)
+        info = wait_ready(ctx.link, target.run_id, ctx.config.restore.start_timeout,
+                          ctx.config.restore.answer_timeout)
         loaded = check_loaded(info, selected.manifest.keys, started,
                               selected.manifest.keys_exact)
         check_keyspace(info, selected.manifest)
@@ -275,6 +278,12 @@ def _replace(ctx: Context, selected: Selected, prepared: Prepared, staged: Stage
     except RedisAuthError as exc:
         # Rolling back would need the same login: say what is on disk and how to undo it.
         raise RestoreError(_login_lost_text(ctx, run, selected, prepared, exc)) from None
+    except (RedisExited, NeverAnswered) as exc:
+        dead = RedisExited(f"{exc}; {_likely_causes(selected.manifest, prepared, staged)}")
+        if ctx.controller.swap_while_running and isinstance(exc, NeverAnswered):
+            # No new server seen at all: no restart policy, or one that gave up.
+            raise RestoreError(_not_back_text(ctx, run, selected, dead)) from None
+        _fail(ctx, run, selected, dead)
     except BackupdError as exc:
         if ctx.controller.swap_while_running and ctx.link.ready_info() is None:
             raise RestoreError(_not_back_text(ctx, run, selected, exc)) from None
@@ -360,6 +369,19 @@ def _fail(ctx: Context, run: Run, selected: Selected, cause: BaseException) -> N
     raise RestoreError(f"restore of backup {selected.manifest.id} failed: {reason}. It was "
                        f"rolled back: the previous files are back in place and the data is as "
                        f"before ({state}).")
+
+
+def _likely_causes(manifest: mf.Manifest, prepared: Prepared, staged: Staged) -> str:
+    """What the Redis log most likely says, from what preflight learned."""
+    t, o, top = prepared.target, prepared.owner, highest_db(manifest)
+    causes = [f"the config the restart reads has `databases` below {top + 1} (the backup "
+              f"uses db{top}; the running Redis had {t.databases or '?'})" if top > 0 else "",
+              f"the restart runs a Redis older than {t.version}, one that cannot load RDB "
+              f"version {staged.rdb_version}" if t.version else
+              f"the restarted Redis cannot load RDB version {staged.rdb_version}",
+              f"it cannot read or write the restored files (owner {o.uid}:{o.gid}, mode "
+              f"{o.file_mode:04o})", "a maxmemory or ACL file that the restart reads"]
+    return "likely causes (see the Redis log): " + "; ".join(c for c in causes if c)
 
 
 def _login_lost_text(ctx: Context, run: Run, selected: Selected, prepared: Prepared,

@@ -17,6 +17,7 @@ from backupd import checkpoints
 from backupd.actions.restore.journal import (
     AFTER_SWAP,
     DONE,
+    RESTARTING,
     SWAPPED,
     SWAPPING,
     Journal,
@@ -222,7 +223,8 @@ def roll_back(run: Run, start: bool) -> RolledBack:
     if run.controller.swap_while_running:
         return _roll_back_live(run)
     answers = run.link.answers()
-    if answers or run.controller.is_running():
+    # RESTARTING: a start was issued; a restart policy may be starting Redis again and again.
+    if answers or run.controller.is_running() or run.journal.state == RESTARTING:
         if answers:
             _quiet_before_stop(run)
         _stop_for_rollback(run)
@@ -232,18 +234,28 @@ def roll_back(run: Run, start: bool) -> RolledBack:
     started = False
     if run.journal.was_running or start:
         run.controller.start()
-        wait_ready(run.link, "", run.cfg.start_timeout)
+        _wait_ready(run, "")
         started = True
     return _finish_rollback(run, moved=True, started=started)
+
+
+def _wait_ready(run: Run, not_run_id: str) -> dict[str, Any]:
+    return wait_ready(run.link, not_run_id, run.cfg.start_timeout, run.cfg.answer_timeout)
 
 
 def _roll_back_live(run: Run) -> RolledBack:
     """shutdown method: swap back while Redis runs, then SHUTDOWN NOSAVE NOW."""
     info = run.link.ready_info()
     if info is None:
+        # Down or crash-looping on the restored files: the restart policy, if any, now
+        # starts Redis on the previous ones.
         put_back(run)
-        log.warning("rollback_redis_down", hint=run.controller.not_back_hint())
-        return _finish_rollback(run, moved=True, started=False)
+        try:
+            _wait_ready(run, "")
+        except RestoreError as exc:
+            log.warning("rollback_redis_down", error=str(exc), hint=run.controller.not_back_hint())
+            return _finish_rollback(run, moved=True, started=False)
+        return _finish_rollback(run, moved=True, started=True)
     if info.get("run_id") == run.journal.run_id_before:
         # Never shut down: memory still holds the previous data, which now matches the files.
         put_back(run)
@@ -252,7 +264,7 @@ def _roll_back_live(run: Run) -> RolledBack:
     quiesce(run.link, run.aof, run.save_timeout, live=True)
     put_back(run)
     run.controller.stop()
-    wait_ready(run.link, str(info.get("run_id", "")), run.cfg.start_timeout)
+    _wait_ready(run, str(info.get("run_id", "")))
     return _finish_rollback(run, moved=True, started=True)
 
 
@@ -279,7 +291,7 @@ def _ensure_running(run: Run, start: bool) -> bool:
     if not (run.journal.was_running or start):
         return False
     run.controller.start()
-    wait_ready(run.link, "", run.cfg.start_timeout)
+    _wait_ready(run, "")
     return True
 
 

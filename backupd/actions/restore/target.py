@@ -4,6 +4,7 @@ files, AOF, key count), found out before anything stops (step 2)."""
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from backupd.controllers.base import Controller, poll_until
 from backupd.errors import (
     BackupdError,
     IntegrityError,
+    NeverAnswered,
+    RedisExited,
     RedisUnavailable,
     RestoreError,
 )
@@ -80,13 +83,66 @@ class RedisLink:
         return None if int(info.get("loading", 0)) else info
 
 
-def wait_ready(link: RedisLink, not_run_id: str, timeout: float) -> dict[str, Any]:
-    """Wait for PING, loading:0 and a run_id other than `not_run_id` (a restarted server)."""
+    def probe(self) -> tuple[str, dict[str, Any]]:
+        """("ready", INFO) once loaded, ("loading", {}), ("down", {}) when nothing answers;
+        RedisAuthError when Redis answers but rejects the login."""
+        try:
+            client = self.connect()
+        except RedisUnavailable as exc:
+            return ("loading" if "loading" in str(exc).lower() else "down"), {}
+        try:
+            with self.errors():
+                info: dict[str, Any] = client.info("everything")
+        except RedisUnavailable as exc:
+            return ("loading" if "loading" in str(exc).lower() else "down"), {}
+        finally:
+            client.close()
+        return ("loading" if int(info.get("loading", 0)) else "ready"), info
+
+
+GONE_AFTER = 1.0  # silent this long after it answered: the new server has exited
+
+
+def wait_ready(link: RedisLink, not_run_id: str, timeout: float,
+               answer_timeout: float = 10.0) -> dict[str, Any]:
+    """Wait for PING, loading:0 and a run_id other than `not_run_id` (a restarted server).
+
+    Fails fast on a dead server instead of waiting `timeout` (the whole load): RedisExited
+    when a new server answered (-LOADING or loaded) and then went silent or restarted again
+    (a crash loop), NeverAnswered when nothing new answered within `answer_timeout`."""
+    started = time.monotonic()
     seen: dict[str, Any] = {}
+    last_answer: float | None = None
+    answering = False
+    deaths = 0
+    run_ids: set[str] = set()
 
     def ready() -> bool:
-        info = link.ready_info()
-        if info is None or (not_run_id and info.get("run_id") == not_run_id):
+        nonlocal last_answer, answering, deaths
+        state, info = link.probe()
+        now = time.monotonic()
+        run_id = str(info.get("run_id", ""))
+        if state == "down" or (not_run_id and run_id == not_run_id):
+            if state == "down" and answering:
+                answering, deaths = False, deaths + 1
+            if deaths and (deaths > 1 or now - (last_answer or now) >= GONE_AFTER):
+                raise RedisExited(f"Redis at {link.where} started, answered, then exited "
+                                  + ("and started again " if deaths > 1 else "")
+                                  + f"({now - started:.1f}s after the start)"
+                                  + (": a crash loop" if deaths > 1 else ""))
+            if last_answer is None and now - started >= min(answer_timeout, timeout):
+                raise NeverAnswered(f"nothing new answered at {link.where} within "
+                                    f"{min(answer_timeout, timeout):g}s of the start "
+                                    "(restore.answer_timeout)")
+            return False
+        last_answer, answering = now, True
+        if run_id:
+            run_ids.add(run_id)
+            if len(run_ids) > 1:
+                raise RedisExited(f"Redis at {link.where} restarted again after the start "
+                                  f"(run_ids {', '.join(sorted(r[:8] for r in run_ids))}): "
+                                  "a crash loop")
+        if state != "ready":
             return False
         seen.update(info)
         return True
