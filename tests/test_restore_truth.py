@@ -3,6 +3,7 @@ and after, on real redis-server processes controlled like services (tests/test_r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -14,8 +15,9 @@ from typing import Any
 
 import anycrc
 import pytest
+import redis
 
-from tests.conftest import PASSWORD, RedisServer, fill, free_port, run_cli
+from tests.conftest import PASSWORD, RedisServer, fill, free_port, run_cli, wait_until
 from tests.test_restore import (
     CTL,
     Service,
@@ -311,3 +313,84 @@ def test_crash_looping_target_is_rolled_back_fast(
     assert "Redis answers with 41 keys" in error
     assert contents(service) == before and leftovers(service.dir) == []
     print(f"crash loop ({method}) rolled back in {seconds:.1f}s")
+
+
+# -- rollback tells the truth ------------------------------------------------------------------
+
+
+def corrupt_keys_per_db(backups: Path, backup_id: str) -> None:
+    """The manifest disagrees with the RDB on keys per db: the restore fails after the start."""
+    path = backups / f"{backup_id}.json"
+    manifest = json.loads(path.read_text())
+    manifest["keys_per_db"] = {db: n + 1 for db, n in manifest["keys_per_db"].items()}
+    manifest["keys"] = sum(manifest["keys_per_db"].values())
+    manifest["keys_exact"] = True
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("method", ["command", "shutdown"])
+def test_rollback_with_runtime_aof_off_brings_back_the_last_writes(
+        tmp_path: Path, services: Callable[..., Service], method: str) -> None:  # noqa: F811
+    """Case 1, second run: the rollback must not bring back the AOF dir that Redis stopped
+    writing at `CONFIG SET appendonly no` (the restart loads it, not the fresh snapshot)."""
+    service = services("--appendonly", "yes",
+                       supervised="always" if method == "shutdown" else None)
+    populate(service, "orig")
+    client = service.client()
+    client.config_set("appendonly", "no")
+    client.close()
+    config = service.config(tmp_path / "config.toml", tmp_path / "backups", method=method)
+    backup_id = backup(config)
+    corrupt_keys_per_db(tmp_path / "backups", backup_id)
+    rewrite(service, "current", 60)
+    client = service.client()
+    client.set("written-just-before", "must survive the rollback")
+    client.close()
+    before = contents(service)
+    proc = restore(config, backup_id, "--yes")
+    assert proc.returncode == 1, proc.stderr
+    error = last_error(proc.stderr)
+    assert "rolled back" in error and "the data is as before" in error
+    assert contents(service) == before and leftovers(service.dir) == []
+    run_id = service.run_id()
+    if method == "command":
+        service.stop()
+        service.start()
+    else:
+        client = service.client()
+        with contextlib.suppress(redis.exceptions.ConnectionError):
+            client.execute_command("SHUTDOWN", "NOSAVE")
+        client.close()
+        wait_until(lambda: service.answers() and service.run_id() != run_id, 20, "restart")
+    assert contents(service) == before  # a restart (appendonly yes again) loads the same
+
+
+def test_rollback_long_after_shows_what_it_discards(
+        svc_setup: tuple[Service, Path, Path]) -> None:  # noqa: F811
+    service, config, _ = svc_setup
+    backup(config)
+    rewrite(service)
+    before = contents(service)
+    assert restore(config, "--yes").returncode == 0
+    proc = restore(config, "--rollback", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert "including every write since the restore finished at" in proc.stdout
+    assert " ago)" in proc.stdout and "the data is as before" in proc.stdout
+    assert '"event": "rollback_discards_writes"' in proc.stderr
+    assert contents(service) == before
+
+
+def test_rollback_says_what_ran_before(tmp_path: Path,
+                                       services: Callable[..., Service]) -> None:  # noqa: F811
+    """Redis was running before the restore: a rollback that cannot bring it back says so
+    (not "it was not running before")."""
+    service = services(supervised="once")
+    populate(service, "orig")
+    config = service.config(tmp_path / "config.toml", tmp_path / "backups", method="shutdown",
+                            start_timeout="2s")
+    backup(config)
+    assert restore(config, "--yes").returncode == 1  # no restart policy: Redis stays down
+    proc = restore(config, "--rollback", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert "Redis was running before the restore but did not come back" in proc.stdout
+    assert "was not running before" not in proc.stdout

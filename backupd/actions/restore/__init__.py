@@ -87,10 +87,12 @@ from backupd.actions.restore.staging import (
     identities_for,
     remove_tree,
     select_backup,
+    snapshot_aof,
     stage,
 )
 from backupd.actions.restore.swap import (
     Loaded,
+    RolledBack,
     Run,
     check_loaded,
     quiesce,
@@ -248,6 +250,7 @@ def _replace(ctx: Context, selected: Selected, prepared: Prepared, staged: Stage
         _safety_snapshot(ctx)
         checkpoints.reached("restore-snapshot")
     keys_before, config_before = _current_state(ctx, target)
+    per_db_before = _keys_per_db_now(ctx, target)
     pre_dir = new_pre_dir(ctx.data_dir)
     journal = Journal(
         backup_id=selected.manifest.id, started_at=mf.format_time(mf.now_utc()),
@@ -255,8 +258,10 @@ def _replace(ctx: Context, selected: Selected, prepared: Prepared, staged: Stage
         run_id_before=target.run_id, keys_before=keys_before,
         expected_keys=selected.manifest.keys,
         entries={name: os.path.lexists(ctx.data_dir / name) for name in staged.entries},
-        config_before=config_before, pid=os.getpid())
+        config_before=config_before, pid=os.getpid(), keys_per_db_before=per_db_before)
     journal.save(pre_dir)
+    if prepared.snapshot:
+        snapshot_aof(pre_dir, target, ctx.data_dir, prepared.owner)
     run = Run(ctx.link, ctx.controller, ctx.config.restore, ctx.config.redis.save_timeout,
               ctx.data_dir, pre_dir, journal, target.aof)
     started = time.monotonic()
@@ -328,6 +333,18 @@ def _current_state(ctx: Context, target: Target) -> tuple[int | None, dict[str, 
         client.close()
 
 
+def _keys_per_db_now(ctx: Context, target: Target) -> dict[str, int]:
+    """After the safety BGSAVE: what a rollback must bring back, per database."""
+    if not target.answers:
+        return {}
+    client = ctx.link.connect()
+    try:
+        with ctx.link.errors():
+            return source.server_info(client, ctx.config.redis).keys_per_db
+    finally:
+        client.close()
+
+
 def _stop_and_swap(run: Run, target: Target, staged: Staged, should_start: bool) -> None:
     if target.answers and not target.config_denied:
         quiesce(run.link, target.aof, run.save_timeout, live=run.controller.swap_while_running)
@@ -364,11 +381,23 @@ def _fail(ctx: Context, run: Run, selected: Selected, cause: BaseException) -> N
             f"restore of backup {selected.manifest.id} failed ({reason}) and the rollback "
             f"failed too ({exc}). Redis's previous files are in {run.pre_dir}; fix the cause "
             "and run `backupd restore --rollback`.") from None
-    state = (f"Redis answers with {result.keys} keys" if result.started
-             else "Redis was not running before and was left stopped")
     raise RestoreError(f"restore of backup {selected.manifest.id} failed: {reason}. It was "
-                       f"rolled back: the previous files are back in place and the data is as "
-                       f"before ({state}).")
+                       f"rolled back: the previous files are back in place; "
+                       f"{rolled_back_text(run.journal, result)}.")
+
+
+def rolled_back_text(journal: Journal, result: RolledBack) -> str:
+    """What the rollback achieved, from the journal (what ran before) and Redis (now)."""
+    if not result.started:
+        return ("Redis was running before the restore but did not come back after the "
+                "rollback: start it, it loads the previous files" if journal.was_running
+                else "Redis was not running before the restore and was left stopped")
+    if result.differs:
+        return (f"Redis answers with {result.keys} keys, but NOT the data as before: "
+                f"{result.differs}")
+    if journal.keys_per_db_before:
+        return f"the data is as before (Redis answers with {result.keys} keys, per db as before)"
+    return f"Redis answers with {result.keys} keys"
 
 
 def _likely_causes(manifest: mf.Manifest, prepared: Prepared, staged: Staged) -> str:
@@ -490,6 +519,18 @@ def plan_text(ctx: Context, selected: Selected, prepared: Prepared,
 # -- backupd restore --rollback ---------------------------------------------------------------
 
 
+def _since_text(journal: Journal) -> str:
+    """For a rollback of a completed restore: every write since it finished is discarded."""
+    if journal.state != DONE or not journal.finished_at:
+        return ""
+    finished = mf.parse_time(journal.finished_at)
+    span = max(0, int((mf.now_utc() - finished).total_seconds()))
+    hours, rest = divmod(span, 3600)
+    ago = f"{hours}h {rest // 60}m" if hours else f"{rest // 60}m {rest % 60}s"
+    return (f", including every write since the restore finished at {journal.finished_at} "
+            f"({ago} ago)")
+
+
 def rollback(config: Config, opts: Options, ui: Ui,
              env: Mapping[str, str] | None = None) -> int:
     """Put back the files of the newest pre-restore copy (interrupted or completed restore)."""
@@ -509,9 +550,12 @@ def rollback(config: Config, opts: Options, ui: Ui,
                                f"restore journal in {ctx.data_dir}{removed}")
         pre = found[0]
         journal = Journal.load(pre)
+        since = _since_text(journal)
         question = (f"Put back Redis's data from before the restore of backup "
                     f"{journal.backup_id} ({journal.started_at}, {pre})? The current data "
-                    "of Redis is discarded.")
+                    f"of Redis is discarded{since}.")
+        if since:
+            log.warning("rollback_discards_writes", finished_at=journal.finished_at)
         if not opts.yes and not ui.confirm(question):
             raise RestoreError("rollback cancelled; nothing was changed")
         aof = len(journal.entries) > 1  # the RDB, plus the AOF dir when AOF was on
@@ -519,8 +563,10 @@ def rollback(config: Config, opts: Options, ui: Ui,
                   ctx.data_dir, pre, journal, aof)
         with _failover_held_off(ctx):
             result = roll_back(run, opts.start)
-    where = (f"Redis at {ctx.link.where} answers with {result.keys} keys" if result.started
-             else "Redis is not running (it was not before the restore; --start starts it)")
-    ui.echo(f"rolled back the restore of backup {journal.backup_id}: the previous files are "
-            f"back in {ctx.data_dir}; {where}.")
+    ui.echo(f"rolled back the restore of backup {journal.backup_id}{since}: the previous files "
+            f"are back in {ctx.data_dir}; {rolled_back_text(journal, result)}"
+            + ("" if result.started or journal.was_running else " (--start starts it)") + ".")
+    if result.differs:
+        raise RestoreError(f"the rollback put the previous files back, but Redis does not hold "
+                           f"the data it had before the restore: {result.differs}")
     return 0

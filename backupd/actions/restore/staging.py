@@ -273,6 +273,19 @@ def _sample(rdb_path: Path, manifest: Manifest) -> list[SampledKey]:
     return sampler.keys
 
 
+def snapshot_aof(pre_dir: Path, target: Target, data_dir: Path, owner: Owner) -> bool:
+    """The running Redis has AOF off, but its AOF dir is there and a restart with appendonly
+    yes (the config file) loads it, not the fresh safety snapshot: give the pre-restore copy
+    an AOF dir whose base is the snapshot, so a rollback brings back what Redis held."""
+    if target.aof or not (data_dir / target.aof_dir).is_dir():
+        return False
+    _stage_aof(pre_dir, target, data_dir / target.dbfilename, owner)
+    fsync_dir(pre_dir)
+    log.info("restore_step", step=4, what="pre-restore AOF dir built from the snapshot",
+             dir=str(pre_dir / target.aof_dir))
+    return True
+
+
 def _stage_aof(staging: Path, target: Target, rdb_path: Path, owner: Owner) -> str:
     """A fresh multi-part AOF dir whose base is the backup (notes, section 3); Redis creates
     the incr file itself. A copy, not a hard link: an in-place write to dump.rdb (cp) must not
@@ -316,8 +329,9 @@ def check_space(data_dir: Path, manifest: Manifest, target: Target, snapshot: bo
     """Staging needs the RDB twice (dump file and AOF base); a safety BGSAVE needs about one
     more RDB."""
     needed = manifest.raw_size * 2
-    if snapshot:
-        needed += _size_or(data_dir / target.dbfilename, target.used_memory)
+    if snapshot:  # and its copy as an AOF base, when an AOF dir is there (snapshot_aof)
+        copies = 2 if (data_dir / target.aof_dir).is_dir() else 1
+        needed += copies * _size_or(data_dir / target.dbfilename, target.used_memory)
     source.check_space(data_dir, needed, f"staging backup {manifest.id}")
     return needed
 
