@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable
 
-from backupd.rdb_keys import LIMIT, PER_DB, KeySampler, sample_file
+import pytest
+
+from backupd import manifest as mf
+from backupd.errors import IntegrityError
+from backupd.rdb_keys import LIMIT, PER_DB, KeySampler, key_digest, sample_file
 from tests.conftest import RedisServer
 
 
@@ -66,3 +71,25 @@ def test_sample_stops_at_what_it_cannot_walk(redis_factory: Callable[..., RedisS
     broken(data[:30] + b"\x00" * 64)  # garbage: it stops, never raises
     broken(b"\xff" * 100)
     assert not broken.keys or broken.done
+
+
+def test_manifest_key_sample_and_memory_fields() -> None:
+    """Manifests without the new fields still parse; a malformed sample is refused."""
+    backup_id = mf.new_id(mf.now_utc())
+    old = {"id": backup_id, "created_at": "2026-01-02T03:00:00Z", "raw_size": 10,
+           "raw_sha256": "a" * 64, "stored_size": 10, "stored_sha256": "b" * 64,
+           "compression": "none", "encryption": "none",
+           "artifact": mf.artifact_name(backup_id, "none", False), "redis": {"version": "7.0.15"}}
+    parsed = mf.parse(json.dumps(old).encode())
+    assert parsed.key_sample == [] and parsed.redis.used_memory == 0
+    sample = [f"0:hash:{key_digest(0, b'k')}"]
+    new = {**old, "key_sample": sample,
+           "redis": {"used_memory": 123, "maxmemory_policy": "allkeys-lru"}}
+    parsed = mf.parse(json.dumps(new).encode())
+    assert parsed.key_sample == sample and parsed.redis.used_memory == 123
+    assert mf.parse(parsed.to_json()) == parsed
+    for bad in (["0:hash:plain-key-name"], [f"x:hash:{key_digest(0, b'k')}"], [3]):
+        with pytest.raises(IntegrityError, match="key_sample"):
+            mf.parse(json.dumps({**old, "key_sample": bad}).encode())
+    with pytest.raises(IntegrityError, match="'redis' is malformed"):
+        mf.parse(json.dumps({**old, "redis": {"used_memory": "lots"}}).encode())
