@@ -394,3 +394,42 @@ def test_rollback_says_what_ran_before(tmp_path: Path,
     assert proc.returncode == 0, proc.stderr
     assert "Redis was running before the restore but did not come back" in proc.stdout
     assert "was not running before" not in proc.stdout
+
+
+def test_acl_user_not_saved_to_the_aclfile(tmp_path: Path,
+                                           services: Callable[..., Service]) -> None:  # noqa: F811
+    """With an aclfile: a user made with ACL SETUSER is warned about until ACL SAVE writes it
+    there."""
+    acl = tmp_path / "users.acl"
+    acl.write_text(f"user default on >{PASSWORD} ~* &* +@all\n")
+    service = services("--aclfile", str(acl))
+    client = service.client()
+    client.acl_setuser("restorer", enabled=True, passwords=[f"+{PASSWORD}"], keys=["*"],
+                       channels=["*"], commands=["+@all"])
+    client.close()
+    populate(service, "orig")
+    config = service.config(tmp_path / "config.toml", tmp_path / "backups")
+    config.write_text(config.read_text().replace("port =", 'username = "restorer"\nport ='))
+    backup(config)
+    dry = restore(config, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"ACL user 'restorer' is not in Redis's aclfile {acl}" in dry.stdout
+    assert "Run ACL SAVE first" in dry.stdout
+    client = service.client()
+    client.execute_command("ACL", "SAVE")
+    client.close()
+    dry = restore(config, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "WARNING" not in dry.stdout
+    proc = restore(config, "--yes")  # the saved user survives the restart
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_redis_files_are_read_through_the_data_dir(tmp_path: Path) -> None:
+    """Redis's aclfile inside its `dir` (/data in the container) is read from redis.data_dir."""
+    from backupd.actions.restore.preflight import _read_local
+
+    (tmp_path / "users.acl").write_text("user restorer on\n")
+    for path in ("users.acl", "/data/users.acl"):
+        assert _read_local(path, "/data", tmp_path) == "user restorer on\n"
+    assert _read_local("/etc/redis/none.acl", "/data", tmp_path) is None
