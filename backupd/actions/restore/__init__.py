@@ -249,16 +249,17 @@ def _replace(ctx: Context, selected: Selected, prepared: Prepared, staged: Stage
     if prepared.snapshot:
         _safety_snapshot(ctx)
         checkpoints.reached("restore-snapshot")
-    keys_before, config_before = _current_state(ctx, target)
-    per_db_before = _keys_per_db_now(ctx, target)
+    per_db_before, config_before = _current_state(ctx, target)
     pre_dir = new_pre_dir(ctx.data_dir)
     journal = Journal(
         backup_id=selected.manifest.id, started_at=mf.format_time(mf.now_utc()),
         method=ctx.method, state=QUIESCING, was_running=target.running,
-        run_id_before=target.run_id, keys_before=keys_before,
+        run_id_before=target.run_id,
+        keys_before=None if per_db_before is None else sum(per_db_before.values()),
         expected_keys=selected.manifest.keys,
         entries={name: os.path.lexists(ctx.data_dir / name) for name in staged.entries},
-        config_before=config_before, pid=os.getpid(), keys_per_db_before=per_db_before)
+        config_before=config_before, pid=os.getpid(), keys_per_db_before=per_db_before or {},
+        aof=target.aof)
     journal.save(pre_dir)
     if prepared.snapshot:
         snapshot_aof(pre_dir, target, ctx.data_dir, prepared.owner)
@@ -321,26 +322,17 @@ def _safety_snapshot(ctx: Context) -> None:
         client.close()
 
 
-def _current_state(ctx: Context, target: Target) -> tuple[int | None, dict[str, str]]:
+def _current_state(ctx: Context, target: Target) -> tuple[dict[str, int] | None,
+                                                          dict[str, str]]:
+    """Keys per db (after the safety BGSAVE: what a rollback must bring back) and the runtime
+    config a rollback puts back."""
     if not target.answers:
         return None, {}
     client = ctx.link.connect()
     try:
         with ctx.link.errors():
-            return source.server_info(client, ctx.link.cfg).keys, (
+            return source.server_info(client, ctx.link.cfg).keys_per_db, (
                 {} if target.config_denied else read_config(client, target.aof))
-    finally:
-        client.close()
-
-
-def _keys_per_db_now(ctx: Context, target: Target) -> dict[str, int]:
-    """After the safety BGSAVE: what a rollback must bring back, per database."""
-    if not target.answers:
-        return {}
-    client = ctx.link.connect()
-    try:
-        with ctx.link.errors():
-            return source.server_info(client, ctx.config.redis).keys_per_db
     finally:
         client.close()
 
@@ -558,7 +550,8 @@ def rollback(config: Config, opts: Options, ui: Ui,
             log.warning("rollback_discards_writes", finished_at=journal.finished_at)
         if not opts.yes and not ui.confirm(question):
             raise RestoreError("rollback cancelled; nothing was changed")
-        aof = len(journal.entries) > 1  # the RDB, plus the AOF dir when AOF was on
+        # Journals before issue 11 listed the AOF dir only when AOF was on.
+        aof = journal.aof if journal.aof is not None else len(journal.entries) > 1
         run = Run(ctx.link, ctx.controller, config.restore, config.redis.save_timeout,
                   ctx.data_dir, pre, journal, aof)
         with _failover_held_off(ctx):

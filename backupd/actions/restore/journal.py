@@ -53,6 +53,7 @@ class Journal:
     pid: int = 0
     keys_per_db_before: dict[str, int] = field(default_factory=dict)
     finished_at: str = ""  # when it reached DONE: a later --rollback discards writes since
+    aof: bool | None = None  # appendonly at runtime before the restore (None: older journal)
     format: int = JOURNAL_FORMAT
 
     def save(self, pre_dir: Path) -> None:
@@ -77,7 +78,8 @@ class Journal:
                 isinstance(k, str) and isinstance(v, bool) for k, v in journal.entries.items()):
             raise RestoreError(f"the restore journal in {pre_dir} is malformed")
         if not isinstance(journal.keys_per_db_before, dict) or not all(
-                isinstance(v, int) for v in journal.keys_per_db_before.values()):
+                isinstance(v, int) for v in journal.keys_per_db_before.values()) or \
+                journal.aof not in (None, True, False):
             raise RestoreError(f"the restore journal in {pre_dir} is malformed")
         for name in journal.entries:
             safe_name(name)
