@@ -290,7 +290,7 @@ def test_crash_looping_target_is_rolled_back_fast(
     16): Redis loads db0 of the backup, meets db5 and exits, again and again under a restart
     policy. With the default start_timeout (5 min) the restore is rolled back in seconds."""
     service = conf_service(method == "shutdown")
-    fill(service.server, 150_000, prefix="bulk")  # db0 loads long enough to answer -LOADING
+    fill(service.server, 300_000, prefix="bulk")  # db0 loads long enough to answer -LOADING
     fill(service.server, 10, db=5, prefix="high")
     backups = tmp_path / "backups"
     config = service.config(tmp_path / "config.toml", backups, method=method,
