@@ -23,6 +23,7 @@ def dump(server: RedisServer) -> bytes:
     return (server.dir / "dump.rdb").read_bytes()
 
 
+@pytest.mark.matrix
 def test_sample_walks_every_type_and_database(redis_factory: Callable[..., RedisServer]) -> None:
     server = redis_factory()
     client = server.client()
