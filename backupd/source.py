@@ -113,6 +113,9 @@ def redis_errors(cfg: RedisConfig, has_password: bool) -> Iterator[None]:
         text = str(exc)
         raise RedisUnavailable(f"cannot connect to {where}{_connection_hint(text)} "
                                f"({text})") from None
+    except redis.exceptions.InvalidResponse:  # e.g. an HTTP server on that port
+        raise RedisUnavailable(f"{where} does not answer in the Redis protocol: is it a Redis "
+                               "server?") from None
     except redis.exceptions.ResponseError as exc:
         text = str(exc)
         if "without any password configured" in text:
