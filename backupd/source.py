@@ -113,6 +113,8 @@ def redis_errors(cfg: RedisConfig, has_password: bool) -> Iterator[None]:
         text = str(exc)
         raise RedisUnavailable(f"cannot connect to {where}{_connection_hint(text)} "
                                f"({text})") from None
+    except UnicodeError:  # the socket layer's IDNA encoding of the host name
+        raise ConfigError(f"key 'redis.host': {cfg.host!r} is not a valid host name") from None
     except redis.exceptions.InvalidResponse:  # e.g. an HTTP server on that port
         raise RedisUnavailable(f"{where} does not answer in the Redis protocol: is it a Redis "
                                "server?") from None
