@@ -396,13 +396,17 @@ def health_cmd(state: State) -> None:
 @click.option("--undo-keys", "undo_run", metavar="RUN",
               help="Undo the selective restore RUN: put back the values it replaced and "
                    "delete the keys it created.")
+@click.option("--force-memory", is_flag=True,
+              help="Restore even when the backup needs more memory than the target's "
+                   "maxmemory (keys get evicted, or writes fail with OOM).")
 @pass_state
 @handle_errors
 def restore(state: State, backup_id: str, from_: str | None, before: str | None,
             identity_file: str | None, dry_run: bool, yes: bool, method: str | None,
             start: bool, rollback: bool, to_time: str | None = None,
             patterns: tuple[str, ...] = (), db: int | None = None, into: str = "live",
-            conflict: str = "skip", undo_run: str | None = None) -> None:
+            conflict: str = "skip", undo_run: str | None = None,
+            force_memory: bool = False) -> None:
     """Replace Redis's data with a backup: verified, AOF-aware, with a safety copy.
 
     With --keys, put back only the matching keys into the running server (see README
@@ -429,7 +433,7 @@ def restore(state: State, backup_id: str, from_: str | None, before: str | None,
     opts = Options(selector=backup_id, source=from_,
                    before=parse_time(before) if before else None,
                    identity_file=identity_file, dry_run=dry_run, yes=yes,
-                   method=method, start=start)
+                   method=method, start=start, force_memory=force_memory)
     ui = Ui(echo=click.echo,
             confirm=lambda text: click.confirm(text, default=False, err=True),
             interactive=sys.stdin.isatty(), progress=sys.stderr.isatty())

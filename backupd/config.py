@@ -95,6 +95,10 @@ class RedisConfig:
     tls_server_name: str = ""
     tls_verify: bool = True
     data_dir: str = "/data"
+    # Redis's file names, for a restore where CONFIG GET cannot tell them (CONFIG renamed).
+    dbfilename: str = ""
+    appenddirname: str = ""
+    appendfilename: str = ""
     save_timeout: float = _duration("15m")
     connect_timeout: float = _duration("10s")
     read_timeout: float = _duration("30s")
@@ -160,6 +164,7 @@ class RestoreConfig:
     compose_service: str = "redis"
     stop_timeout: float = _duration("60s")
     start_timeout: float = _duration("5m")
+    answer_timeout: float = _duration("10s")  # silent this long after the start = dead
     stop_command: list[str] = _strings()
     start_command: list[str] = _strings()
     command_timeout: float = _duration("2m")

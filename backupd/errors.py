@@ -67,6 +67,14 @@ class RestoreError(OperationError):
     """A restore step failed; the message says whether it was rolled back."""
 
 
+class RedisExited(RestoreError):
+    """Redis came up after a restore's start and then exited or restarted (a crash loop)."""
+
+
+class NeverAnswered(RestoreError):
+    """Nothing answered on Redis's port within restore.answer_timeout of the start."""
+
+
 class IntegrityError(BackupdError):
     """A backup is corrupt: checksum, CRC, header or manifest mismatch."""
 

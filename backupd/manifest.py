@@ -57,6 +57,8 @@ class RedisFacts:
     run_id: str = ""
     aof_enabled: bool = False
     server: str = servers.REDIS  # "redis" or "valkey"; manifests before it are all "redis"
+    used_memory: int = 0  # INFO used_memory at the snapshot: a restore checks maxmemory
+    maxmemory_policy: str = ""
 
     @property
     def identity(self) -> servers.ServerId:
@@ -89,6 +91,9 @@ class Manifest:
     keys_exact: bool = False  # keys counted from the RDB itself, not from INFO a moment later
     replication: dict[str, Any] = field(default_factory=dict)  # role, link, lag (replicas)
     sentinel: dict[str, Any] = field(default_factory=dict)  # the sentinels' view, if any
+    # "<db>:<type>:<digest of the name>" of the first keys of each db (backupd.rdb_keys); a
+    # restore checks that they exist after the restart.
+    key_sample: list[str] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -115,7 +120,9 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 }
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _FACT_TYPES: dict[str, type] = {"version": str, "host": str, "port": int, "role": str,
-                                "run_id": str, "aof_enabled": bool, "server": str}
+                                "run_id": str, "aof_enabled": bool, "server": str,
+                                "used_memory": int, "maxmemory_policy": str}
+_SAMPLE_RE = re.compile(r"\d{1,5}:[a-z]{1,16}:[0-9a-f]{32}")
 
 
 def parse(data: bytes, expected_id: str | None = None) -> Manifest:
@@ -177,7 +184,7 @@ def parse(data: bytes, expected_id: str | None = None) -> Manifest:
             isinstance(v, int) and not isinstance(v, bool) for v in keys_per_db.values()):
         raise IntegrityError(f"{where}: field 'keys_per_db' is malformed")
     str_lists = {}
-    for key in ("age_recipients", "warnings"):
+    for key in ("age_recipients", "warnings", "key_sample"):
         value = raw.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise IntegrityError(f"{where}: field {key!r} is not a list of strings")
@@ -188,13 +195,16 @@ def parse(data: bytes, expected_id: str | None = None) -> Manifest:
                 isinstance(v, str | int | float | bool) or v is None for v in value.values()):
             raise IntegrityError(f"{where}: field {key!r} is not an object of plain values")
         values[key] = value
+    if not all(_SAMPLE_RE.fullmatch(v) for v in str_lists["key_sample"]):
+        raise IntegrityError(f"{where}: field 'key_sample' is malformed")
     values.setdefault("tag", "")
     values.setdefault("trigger", "manual")
     values.setdefault("rdb_version", 0)
     values.setdefault("rdb_checksum", "ok")
     values.setdefault("keys", sum(keys_per_db.values()))
     return Manifest(redis=facts, keys_per_db=keys_per_db, age_recipients=str_lists[
-        "age_recipients"], warnings=str_lists["warnings"], **values)
+        "age_recipients"], warnings=str_lists["warnings"], key_sample=str_lists["key_sample"],
+        **values)
 
 
 def now_utc() -> datetime:

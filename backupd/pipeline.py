@@ -207,13 +207,16 @@ def compress_reader(source: Readable, compression: str, level: int,
 
 
 def pack(source: Readable, dest: Path, *, compression: str, level: int,
-         recipients: Sequence[str], follower: Follower | None = None) -> PackResult:
+         recipients: Sequence[str], follower: Follower | None = None,
+         observe: Observer | None = None) -> PackResult:
     """Stream a raw RDB into the artifact `dest`, atomically: temp file, fsync, rename.
 
     The RDB is checked in the same pass; a snapshot that fails the check never becomes a file
-    with a backup's name. A `follower` may read the file as it grows (see Follower).
+    with a backup's name. A `follower` may read the file as it grows (see Follower); `observe`
+    sees the raw RDB beside the check (the key sample).
     """
     raw, stored, checker = Digester(), Digester(), RdbChecker()
+    checks = (raw, checker.update) if observe is None else (raw, checker.update, observe)
     plain = compression == "none" and not recipients  # stored bytes == raw bytes: hash once
     try:
         with atomic_file(dest, readable=follower is not None) as fh:  # the follower reads it
@@ -221,7 +224,7 @@ def pack(source: Readable, dest: Path, *, compression: str, level: int,
                 follower.opened(fh.fileno(), dest.name)
             sink = FileSink(fh, follower.written if follower is not None else None)
             if plain:  # hashing is the critical path: it gets a thread, so does writing
-                with _Stage(fan_out(raw, checker.update)) as check, _Stage(sink.write) as out:
+                with _Stage(fan_out(*checks)) as check, _Stage(sink.write) as out:
                     while chunk := source.read(READ_SIZE):
                         check(chunk)
                         out(chunk)
@@ -229,7 +232,7 @@ def pack(source: Readable, dest: Path, *, compression: str, level: int,
                 # The raw SHA-256 and the RDB check in a thread: they run while this one
                 # holds the GIL (in pyrage, in Python; docs/benchmarks.md has the gain).
                 # The header is checked here too: not an RDB stops at once.
-                with _Stage(fan_out(raw, checker.update)) as check:
+                with _Stage(fan_out(*checks)) as check:
 
                     def raw_digest() -> Digest:
                         check.close()  # the stage has hashed every byte read

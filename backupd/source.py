@@ -113,6 +113,11 @@ def redis_errors(cfg: RedisConfig, has_password: bool) -> Iterator[None]:
         text = str(exc)
         raise RedisUnavailable(f"cannot connect to {where}{_connection_hint(text)} "
                                f"({text})") from None
+    except UnicodeError:  # the socket layer's IDNA encoding of the host name
+        raise ConfigError(f"key 'redis.host': {cfg.host!r} is not a valid host name") from None
+    except redis.exceptions.InvalidResponse:  # e.g. an HTTP server on that port
+        raise RedisUnavailable(f"{where} does not answer in the Redis protocol: is it a Redis "
+                               "server?") from None
     except redis.exceptions.ResponseError as exc:
         text = str(exc)
         if "without any password configured" in text:
@@ -185,18 +190,23 @@ def server_info(client: redis.Redis, cfg: RedisConfig) -> ServerInfo:
         port=0 if cfg.socket else cfg.port, role=str(info.get("role", "")),
         run_id=str(info.get("run_id", "")),
         aof_enabled=bool(int(info.get("aof_enabled", 0))), server=identity.kind,
+        used_memory=int(info.get("used_memory", 0)),
+        maxmemory_policy=str(info.get("maxmemory_policy", "")),
     )
     return ServerInfo(facts, keys, info)
 
 
 def locate_dump(client: redis.Redis, cfg: RedisConfig) -> Path:
     """The dump file as seen from this container: `dbfilename` inside `redis.data_dir`."""
+    fallback = cfg.dbfilename or "dump.rdb"
     try:
-        name = client.config_get("dbfilename").get("dbfilename") or "dump.rdb"
-    except (redis.exceptions.NoPermissionError, redis.exceptions.ResponseError):
-        log.warning("config_get_denied", fallback="dump.rdb",
-                    hint="grant +config|get to read dbfilename; assuming dump.rdb")
-        name = "dump.rdb"
+        name = client.config_get("dbfilename").get("dbfilename") or fallback
+    except (redis.exceptions.NoPermissionError, redis.exceptions.ResponseError) as exc:
+        renamed = "unknown command" in str(exc).lower()
+        log.warning("config_get_denied", fallback=fallback, hint=(
+            "Redis does not know CONFIG (rename-command CONFIG): set redis.dbfilename"
+            if renamed else "grant +config|get to read dbfilename, or set redis.dbfilename"))
+        name = fallback
     if "/" in name or name in ("", ".", ".."):
         raise SnapshotError(f"Redis reports an unusable dbfilename {name!r}")
     return Path(cfg.data_dir) / name

@@ -263,3 +263,35 @@ def test_config_check_validates_schedule_and_notify(tmp_path: Path) -> None:
     proc = run_cli("-c", str(config), "config", "check")
     assert proc.returncode == 2 and "notify.webhook_url" in proc.stderr
     assert "secret-1" not in proc.stderr
+
+
+def test_a_port_that_is_not_redis(tmp_path: Path) -> None:
+    """Something else (here an HTTP server) answers on redis.port: a clear error, exit 1."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    (tmp_path / "d").mkdir()
+    config = tmp_path / "c.toml"
+    config.write_text(f'[redis]\nport = {port}\ndata_dir = "{tmp_path / "d"}"\n'
+                      f'[backup]\ndir = "{tmp_path / "b"}"\n')
+    try:
+        proc = run_cli("-c", str(config), "backup")
+    finally:
+        listener.close()
+    assert proc.returncode == 1, proc.stderr
+    assert "does not answer in the Redis protocol" in proc.stderr
+    assert "unexpected_error" not in proc.stderr

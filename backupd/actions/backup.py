@@ -20,6 +20,7 @@ from backupd.errors import BusyError, IntegrityError, StorageError, UsageError
 from backupd.manifest import Manifest
 from backupd.pipeline import Digester, Follower, PackResult, pack
 from backupd.rdb import first_db_size
+from backupd.rdb_keys import KeySampler
 from backupd.storage.local import LocalStorage, ensure_dir
 from backupd.streams import CHUNK, ObservedWriter, copy_stream
 
@@ -136,7 +137,7 @@ def run_backup(config: Config, *, trigger: str = "manual", tag: str = "",
             name = mf.artifact_name(backup_id, config.backup.compression, encrypted)
             log.info("snapshot_started", id=backup_id, path=str(snap.path))
             checkpoints.reached("snapshot")
-            packed = _pack_snapshot(snap, storage.dir / name, config, follower)
+            packed, sample = _pack_snapshot(snap, storage.dir / name, config, follower)
             keys_per_db, keys_exact = count_keys(os.pread(snap.fileno(), HEAD_BYTES, 0),
                                                  snap.server.keys_per_db)
     finally:
@@ -146,7 +147,7 @@ def run_backup(config: Config, *, trigger: str = "manual", tag: str = "",
         id=backup_id, created_at=mf.format_time(moment), trigger=trigger, tag=tag,
         redis=snap.server.facts, rdb_version=packed.rdb.version,
         rdb_checksum=packed.rdb.checksum, keys=keys, keys_per_db=keys_per_db,
-        keys_exact=keys_exact, raw_size=packed.raw.size,
+        keys_exact=keys_exact, key_sample=sample, raw_size=packed.raw.size,
         raw_sha256=packed.raw.sha256, stored_size=packed.stored.size,
         stored_sha256=packed.stored.sha256, compression=config.backup.compression,
         encryption="age" if encrypted else "none", artifact=name,
@@ -177,15 +178,21 @@ def run_backup(config: Config, *, trigger: str = "manual", tag: str = "",
 
 
 def _pack_snapshot(snap: source.LiveSnapshot, dest: Path, config: Config,
-                   follower: Follower | None) -> PackResult:
+                   follower: Follower | None) -> tuple[PackResult, list[str]]:
     """pack() the snapshot while Redis writes it; once more from the finished dump file when
-    the followed bytes were not the dump's after all (see source.LiveSnapshot)."""
+    the followed bytes were not the dump's after all (see source.LiveSnapshot). Also returns
+    the manifest's key sample, read in the same pass."""
     while True:
+        sampler = KeySampler(int(db[2:]) for db in snap.server.keys_per_db)
         try:
-            return pack(_CheckpointReader(snap, config), dest,
-                        compression=config.backup.compression,
-                        level=config.backup.compression_level,
-                        recipients=config.backup.age_recipients, follower=follower)
+            packed = pack(_CheckpointReader(snap, config), dest,
+                          compression=config.backup.compression,
+                          level=config.backup.compression_level,
+                          recipients=config.backup.age_recipients, follower=follower,
+                          observe=sampler)
+            if sampler.stopped:
+                log.info("key_sample_partial", keys=len(sampler.keys), why=sampler.stopped)
+            return packed, [f"{k.db}:{k.type}:{k.digest}" for k in sampler.keys]
         except (source.FollowLost, IntegrityError) as exc:
             if not snap.rewind():
                 raise

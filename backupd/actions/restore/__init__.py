@@ -7,8 +7,9 @@ Order of operations (issue 4; shared/notes/redis.md sections 2-4), nothing destr
    RDB CRC and header in the same pass.
 2. Ask Redis (INFO, CONFIG GET) for its version, file names, AOF state and key count; refuse an
    RDB newer than the server can load, before anything stops.
-3. Prepare the files: the RDB as `dbfilename` and, with AOF on, a fresh AOF directory whose base
-   is the backup (Redis with appendonly loads only the AOF), owned like the existing files.
+3. Prepare the files: the RDB as `dbfilename` and a fresh AOF directory whose base is the
+   backup (Redis with appendonly loads only the AOF), owned like the existing files. Both,
+   whatever `appendonly` says now: a runtime `CONFIG SET appendonly` is forgotten at restart.
 4. `CONFIG SET save ""` (so no shutdown save can overwrite the new files), wait until no child
    runs, stop Redis with the configured method.
 5. Move the current files aside into `.backupd-pre-restore-<time>`, rename the new ones in,
@@ -68,6 +69,13 @@ from backupd.actions.restore.leftovers import (
     settle_leftovers,
 )
 from backupd.actions.restore.options import Options, Ui, require_confirmation_possible
+from backupd.actions.restore.preflight import (
+    Findings,
+    highest_db,
+    preflight,
+    user_persistence,
+)
+from backupd.actions.restore.restarted import check_evictions, check_keyspace, check_sample
 from backupd.actions.restore.staging import (
     Owner,
     Selected,
@@ -79,10 +87,12 @@ from backupd.actions.restore.staging import (
     identities_for,
     remove_tree,
     select_backup,
+    snapshot_aof,
     stage,
 )
 from backupd.actions.restore.swap import (
     Loaded,
+    RolledBack,
     Run,
     check_loaded,
     quiesce,
@@ -95,6 +105,7 @@ from backupd.actions.restore.target import (
     Target,
     check_target,
     check_version,
+    config_unavailable_text,
     inspect_target,
     wait_ready,
 )
@@ -103,6 +114,9 @@ from backupd.controllers.base import Controller
 from backupd.controllers.factory import make_controller
 from backupd.errors import (
     BackupdError,
+    NeverAnswered,
+    RedisAuthError,
+    RedisExited,
     RestoreError,
 )
 
@@ -174,6 +188,7 @@ class Prepared:
     version_note: str
     snapshot: bool
     space: int
+    findings: Findings
 
 
 def _failover_held_off(ctx: Context) -> contextlib.AbstractContextManager[None]:
@@ -190,11 +205,15 @@ def _prepare(ctx: Context, selected: Selected) -> Prepared:
     ctx.controller.check()
     target = inspect_target(ctx.link, ctx.controller, ctx.data_dir)
     check_target(target)
+    if ctx.controller.swap_while_running and target.config_denied:
+        raise RestoreError(config_unavailable_text(target.config_denied)
+                           + " (The shutdown method swaps while Redis runs: it needs CONFIG.)")
     if ctx.controller.swap_while_running and not target.answers:
         raise RestoreError("Redis is not answering, and the shutdown method needs a running "
                            "Redis to shut down; start Redis, or use --method command|docker")
     note = check_version(selected.manifest, selected.manifest.rdb_version, target,
                          ctx.controller, ctx.data_dir)
+    findings = preflight(selected.manifest, target, ctx.opts.force_memory, _user_note(ctx, target))
     _check_data_dir(ctx.data_dir, target)
     owner = data_owner(ctx.data_dir, target)
     check_owner_possible(owner)
@@ -202,7 +221,18 @@ def _prepare(ctx: Context, selected: Selected) -> Prepared:
     space = check_space(ctx.data_dir, selected.manifest, target, snapshot)
     log.info("restore_step", step=2, what="target checked", redis=target.version or "down",
              keys=target.keys, aof=target.aof, method=ctx.method, version_check=note)
-    return Prepared(target, owner, note, snapshot, space)
+    return Prepared(target, owner, note, snapshot, space, findings)
+
+
+def _user_note(ctx: Context, target: Target) -> str:
+    if not target.answers or target.config_denied:
+        return ""
+    client = ctx.link.connect()
+    try:
+        with ctx.link.errors():
+            return user_persistence(client, ctx.config.redis.username, ctx.data_dir)
+    finally:
+        client.close()
 
 
 def _check_data_dir(data_dir: Path, target: Target) -> None:
@@ -219,16 +249,20 @@ def _replace(ctx: Context, selected: Selected, prepared: Prepared, staged: Stage
     if prepared.snapshot:
         _safety_snapshot(ctx)
         checkpoints.reached("restore-snapshot")
-    keys_before, config_before = _current_state(ctx, target)
+    per_db_before, config_before = _current_state(ctx, target)
     pre_dir = new_pre_dir(ctx.data_dir)
     journal = Journal(
         backup_id=selected.manifest.id, started_at=mf.format_time(mf.now_utc()),
         method=ctx.method, state=QUIESCING, was_running=target.running,
-        run_id_before=target.run_id, keys_before=keys_before,
+        run_id_before=target.run_id,
+        keys_before=None if per_db_before is None else sum(per_db_before.values()),
         expected_keys=selected.manifest.keys,
         entries={name: os.path.lexists(ctx.data_dir / name) for name in staged.entries},
-        config_before=config_before, pid=os.getpid())
+        config_before=config_before, pid=os.getpid(), keys_per_db_before=per_db_before or {},
+        aof=target.aof)
     journal.save(pre_dir)
+    if prepared.snapshot:
+        snapshot_aof(pre_dir, target, ctx.data_dir, prepared.owner)
     run = Run(ctx.link, ctx.controller, ctx.config.restore, ctx.config.redis.save_timeout,
               ctx.data_dir, pre_dir, journal, target.aof)
     started = time.monotonic()
@@ -241,9 +275,21 @@ def _replace(ctx: Context, selected: Selected, prepared: Prepared, staged: Stage
         _finish(ctx, run, selected, None)
         return
     try:
-        info = wait_ready(ctx.link, target.run_id, ctx.config.restore.start_timeout)
+        info = wait_ready(ctx.link, target.run_id, ctx.config.restore.start_timeout,
+                          ctx.config.restore.answer_timeout)
         loaded = check_loaded(info, selected.manifest.keys, started,
                               selected.manifest.keys_exact)
+        check_keyspace(info, selected.manifest)
+        _check_sample(ctx, staged)
+    except RedisAuthError as exc:
+        # Rolling back would need the same login: say what is on disk and how to undo it.
+        raise RestoreError(_login_lost_text(ctx, run, selected, prepared, exc)) from None
+    except (RedisExited, NeverAnswered) as exc:
+        dead = RedisExited(f"{exc}; {_likely_causes(selected.manifest, prepared, staged)}")
+        if ctx.controller.swap_while_running and isinstance(exc, NeverAnswered):
+            # No new server seen at all: no restart policy, or one that gave up.
+            raise RestoreError(_not_back_text(ctx, run, selected, dead)) from None
+        _fail(ctx, run, selected, dead)
     except BackupdError as exc:
         if ctx.controller.swap_while_running and ctx.link.ready_info() is None:
             raise RestoreError(_not_back_text(ctx, run, selected, exc)) from None
@@ -253,6 +299,17 @@ def _replace(ctx: Context, selected: Selected, prepared: Prepared, staged: Stage
         for line in discovery.replicas_resynced(ctx.config.redis, ctx.env, ctx.link.endpoint,
                                                 loaded.keys, ctx.config.restore.start_timeout):
             ctx.ui.echo(line)
+
+
+def _check_sample(ctx: Context, staged: Staged) -> None:
+    client = ctx.link.connect()
+    try:
+        with ctx.link.errors():
+            checked = check_sample(client, staged.sample)
+            check_evictions(client.info("everything"))
+    finally:
+        client.close()
+    log.info("key_sample_checked", keys=checked)
 
 
 def _safety_snapshot(ctx: Context) -> None:
@@ -265,21 +322,26 @@ def _safety_snapshot(ctx: Context) -> None:
         client.close()
 
 
-def _current_state(ctx: Context, target: Target) -> tuple[int | None, dict[str, str]]:
+def _current_state(ctx: Context, target: Target) -> tuple[dict[str, int] | None,
+                                                          dict[str, str]]:
+    """Keys per db (after the safety BGSAVE: what a rollback must bring back) and the runtime
+    config a rollback puts back."""
     if not target.answers:
         return None, {}
     client = ctx.link.connect()
     try:
         with ctx.link.errors():
-            return source.server_info(client, ctx.link.cfg).keys, read_config(
-                client, target.aof)
+            return source.server_info(client, ctx.link.cfg).keys_per_db, (
+                {} if target.config_denied else read_config(client, target.aof))
     finally:
         client.close()
 
 
 def _stop_and_swap(run: Run, target: Target, staged: Staged, should_start: bool) -> None:
-    if target.answers:
+    if target.answers and not target.config_denied:
         quiesce(run.link, target.aof, run.save_timeout, live=run.controller.swap_while_running)
+    elif target.answers:  # command/docker: stopped before the swap, a late save is harmless
+        log.warning("quiesce_skipped", reason=target.config_denied)
     if run.controller.swap_while_running:
         swap_in(run, staged)
         run.journal.advance(run.pre_dir, RESTARTING)
@@ -311,11 +373,48 @@ def _fail(ctx: Context, run: Run, selected: Selected, cause: BaseException) -> N
             f"restore of backup {selected.manifest.id} failed ({reason}) and the rollback "
             f"failed too ({exc}). Redis's previous files are in {run.pre_dir}; fix the cause "
             "and run `backupd restore --rollback`.") from None
-    state = (f"Redis answers with {result.keys} keys" if result.started
-             else "Redis was not running before and was left stopped")
     raise RestoreError(f"restore of backup {selected.manifest.id} failed: {reason}. It was "
-                       f"rolled back: the previous files are back in place and the data is as "
-                       f"before ({state}).")
+                       f"rolled back: the previous files are back in place; "
+                       f"{rolled_back_text(run.journal, result)}.")
+
+
+def rolled_back_text(journal: Journal, result: RolledBack) -> str:
+    """What the rollback achieved, from the journal (what ran before) and Redis (now)."""
+    if not result.started:
+        return ("Redis was running before the restore but did not come back after the "
+                "rollback: start it, it loads the previous files" if journal.was_running
+                else "Redis was not running before the restore and was left stopped")
+    if result.differs:
+        return (f"Redis answers with {result.keys} keys, but NOT the data as before: "
+                f"{result.differs}")
+    if journal.keys_per_db_before:
+        return f"the data is as before (Redis answers with {result.keys} keys, per db as before)"
+    return f"Redis answers with {result.keys} keys"
+
+
+def _likely_causes(manifest: mf.Manifest, prepared: Prepared, staged: Staged) -> str:
+    """What the Redis log most likely says, from what preflight learned."""
+    t, o, top = prepared.target, prepared.owner, highest_db(manifest)
+    causes = [f"the config the restart reads has `databases` below {top + 1} (the backup "
+              f"uses db{top}; the running Redis had {t.databases or '?'})" if top > 0 else "",
+              f"the restart runs a Redis older than {t.version}, one that cannot load RDB "
+              f"version {staged.rdb_version}" if t.version else
+              f"the restarted Redis cannot load RDB version {staged.rdb_version}",
+              f"it cannot read or write the restored files (owner {o.uid}:{o.gid}, mode "
+              f"{o.file_mode:04o})", "a maxmemory or ACL file that the restart reads"]
+    return "likely causes (see the Redis log): " + "; ".join(c for c in causes if c)
+
+
+def _login_lost_text(ctx: Context, run: Run, selected: Selected, prepared: Prepared,
+                     cause: BaseException) -> str:
+    t = prepared.target
+    why = prepared.findings.user_note or "it may have existed only at runtime"
+    return (f"the files of backup {selected.manifest.id} are in place ({ctx.data_dir}/"
+            f"{t.dbfilename} and {t.aof_dir}/) and Redis restarted on them, but it now rejects "
+            f"the restore's login ({cause}); {why}. The data Redis loaded was not checked. The "
+            f"previous files are kept in {run.pre_dir}: to go back, run `backupd restore "
+            "--rollback` with a user that exists after a restart (redis.username, e.g. the "
+            "default user).")
 
 
 def _not_back_text(ctx: Context, run: Run, selected: Selected, cause: BaseException) -> str:
@@ -362,8 +461,8 @@ def plan_text(ctx: Context, selected: Selected, prepared: Prepared,
     m, t, o = selected.manifest, prepared.target, prepared.owner
     stop = "SHUTDOWN NOSAVE NOW (after the swap)" if ctx.controller.swap_while_running \
         else f"stop Redis ({ctx.method})"
-    files = t.dbfilename + (f", {t.aof_dir}/ ({t.aof_file}.1.base.rdb + "
-                            f"{t.aof_file}.manifest)" if t.aof else "")
+    files = (f"{t.dbfilename}, {t.aof_dir}/ ({t.aof_file}.1.base.rdb + {t.aof_file}.manifest;"
+             " loaded whether the restart has appendonly on or off)")
     start = ("restart policy starts Redis; wait for a new run_id" if
              ctx.controller.swap_while_running else
              "start Redis" if t.running or ctx.opts.start else
@@ -399,12 +498,29 @@ def plan_text(ctx: Context, selected: Selected, prepared: Prepared,
         f"    6. {start}; wait up to {ctx.config.restore.start_timeout:g}s for PING and "
         f"loading:0; check {m.keys} keys loaded",
         "    on failure in 4-6: put the previous files back and start Redis",
+        f"  checks   databases (backup up to db{highest_db(m)}"
+        + (f", target has {t.databases}" if t.databases is not None else "") + "), memory ("
+        + (f"maxmemory {t.maxmemory}" if t.maxmemory else "no maxmemory") + "), ACL user, "
+        "then after the start: keys per db and "
+        + (f"{len(m.key_sample)} sampled keys" if m.key_sample else "sampled keys"),
     ]
-    lines += [f"  WARNING  {text}" for text in leftovers]
+    lines += [f"  WARNING  {text}" for text in (*prepared.findings.warnings, *leftovers)]
     return "\n".join(lines)
 
 
 # -- backupd restore --rollback ---------------------------------------------------------------
+
+
+def _since_text(journal: Journal) -> str:
+    """For a rollback of a completed restore: every write since it finished is discarded."""
+    if journal.state != DONE or not journal.finished_at:
+        return ""
+    finished = mf.parse_time(journal.finished_at)
+    span = max(0, int((mf.now_utc() - finished).total_seconds()))
+    hours, rest = divmod(span, 3600)
+    ago = f"{hours}h {rest // 60}m" if hours else f"{rest // 60}m {rest % 60}s"
+    return (f", including every write since the restore finished at {journal.finished_at} "
+            f"({ago} ago)")
 
 
 def rollback(config: Config, opts: Options, ui: Ui,
@@ -426,18 +542,24 @@ def rollback(config: Config, opts: Options, ui: Ui,
                                f"restore journal in {ctx.data_dir}{removed}")
         pre = found[0]
         journal = Journal.load(pre)
+        since = _since_text(journal)
         question = (f"Put back Redis's data from before the restore of backup "
                     f"{journal.backup_id} ({journal.started_at}, {pre})? The current data "
-                    "of Redis is discarded.")
+                    f"of Redis is discarded{since}.")
+        if since:
+            log.warning("rollback_discards_writes", finished_at=journal.finished_at)
         if not opts.yes and not ui.confirm(question):
             raise RestoreError("rollback cancelled; nothing was changed")
-        aof = len(journal.entries) > 1  # the RDB, plus the AOF dir when AOF was on
+        # Journals before issue 11 listed the AOF dir only when AOF was on.
+        aof = journal.aof if journal.aof is not None else len(journal.entries) > 1
         run = Run(ctx.link, ctx.controller, config.restore, config.redis.save_timeout,
                   ctx.data_dir, pre, journal, aof)
         with _failover_held_off(ctx):
             result = roll_back(run, opts.start)
-    where = (f"Redis at {ctx.link.where} answers with {result.keys} keys" if result.started
-             else "Redis is not running (it was not before the restore; --start starts it)")
-    ui.echo(f"rolled back the restore of backup {journal.backup_id}: the previous files are "
-            f"back in {ctx.data_dir}; {where}.")
+    ui.echo(f"rolled back the restore of backup {journal.backup_id}{since}: the previous files "
+            f"are back in {ctx.data_dir}; {rolled_back_text(journal, result)}"
+            + ("" if result.started or journal.was_running else " (--start starts it)") + ".")
+    if result.differs:
+        raise RestoreError(f"the rollback put the previous files back, but Redis does not hold "
+                           f"the data it had before the restore: {result.differs}")
     return 0

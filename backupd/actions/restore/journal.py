@@ -51,6 +51,9 @@ class Journal:
     entries: dict[str, bool]  # name in data_dir -> whether Redis had that file before
     config_before: dict[str, str] = field(default_factory=dict)
     pid: int = 0
+    keys_per_db_before: dict[str, int] = field(default_factory=dict)
+    finished_at: str = ""  # when it reached DONE: a later --rollback discards writes since
+    aof: bool | None = None  # appendonly at runtime before the restore (None: older journal)
     format: int = JOURNAL_FORMAT
 
     def save(self, pre_dir: Path) -> None:
@@ -59,6 +62,8 @@ class Journal:
 
     def advance(self, pre_dir: Path, state: str) -> None:
         self.state = state
+        if state == DONE:
+            self.finished_at = mf.format_time(mf.now_utc())
         self.save(pre_dir)
         log.info("restore_state", state=state, pre_restore_dir=str(pre_dir))
 
@@ -71,6 +76,10 @@ class Journal:
             raise RestoreError(f"cannot read the restore journal in {pre_dir}: {exc}") from None
         if not isinstance(journal.entries, dict) or not all(
                 isinstance(k, str) and isinstance(v, bool) for k, v in journal.entries.items()):
+            raise RestoreError(f"the restore journal in {pre_dir} is malformed")
+        if not isinstance(journal.keys_per_db_before, dict) or not all(
+                isinstance(v, int) for v in journal.keys_per_db_before.values()) or \
+                journal.aof not in (None, True, False):
             raise RestoreError(f"the restore journal in {pre_dir} is malformed")
         for name in journal.entries:
             safe_name(name)

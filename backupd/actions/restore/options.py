@@ -21,6 +21,7 @@ class Options:
     yes: bool = False
     method: str | None = None
     start: bool = False
+    force_memory: bool = False
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from backupd.pipeline import (
     unpack,
     write_atomic,
 )
+from backupd.rdb_keys import SampledKey, sample_file
 from backupd.storage.base import Listing, Storage
 
 log = structlog.get_logger("backupd.restore")
@@ -155,7 +156,8 @@ class Staged:
     dir: Path
     entries: list[str]
     rdb_version: int
-    aof_base: str | None
+    aof_base: str
+    sample: list[SampledKey]
 
 
 class _Meter:
@@ -248,14 +250,40 @@ def stage(selected: Selected, target: Target, data_dir: Path, identities: Sequen
             result = fetch_and_check(selected, fh, identities, bar)
             os.fsync(fh.fileno())
         _own(rdb_path, owner, owner.file_mode)
-        base = _stage_aof(staging, target, rdb_path, owner) if target.aof else None
+        sample = _sample(rdb_path, selected.manifest)
+        base = _stage_aof(staging, target, rdb_path, owner)
         fsync_dir(staging)
     except BaseException:
         remove_tree(staging)
         raise
     log.info("restore_step", step=1, what="staged and verified", dir=str(staging),
              rdb_version=result.rdb.version, rdb_crc=result.rdb.checksum, aof_base=base)
-    return Staged(staging, target.entries, result.rdb.version, base)
+    return Staged(staging, target.entries, result.rdb.version, base, sample)
+
+
+def _sample(rdb_path: Path, manifest: Manifest) -> list[SampledKey]:
+    """The key sample, read from the staged (verified) RDB: the manifest records only the
+    names' digests. Keys the manifest lists and the file does not give mean another reader
+    version: the file decides (its SHA-256 was checked), with a note."""
+    with open(rdb_path, "rb") as fh:
+        sampler = sample_file(fh, (int(db[2:]) for db in manifest.keys_per_db))
+    found = {f"{k.db}:{k.type}:{k.digest}" for k in sampler.keys}
+    if manifest.key_sample and not set(manifest.key_sample) <= found:
+        log.warning("key_sample_differs", manifest=len(manifest.key_sample), file=len(found))
+    return sampler.keys
+
+
+def snapshot_aof(pre_dir: Path, target: Target, data_dir: Path, owner: Owner) -> bool:
+    """The running Redis has AOF off, but its AOF dir is there and a restart with appendonly
+    yes (the config file) loads it, not the fresh safety snapshot: give the pre-restore copy
+    an AOF dir whose base is the snapshot, so a rollback brings back what Redis held."""
+    if target.aof or not (data_dir / target.aof_dir).is_dir():
+        return False
+    _stage_aof(pre_dir, target, data_dir / target.dbfilename, owner)
+    fsync_dir(pre_dir)
+    log.info("restore_step", step=4, what="pre-restore AOF dir built from the snapshot",
+             dir=str(pre_dir / target.aof_dir))
+    return True
 
 
 def _stage_aof(staging: Path, target: Target, rdb_path: Path, owner: Owner) -> str:
@@ -298,10 +326,12 @@ def remove_tree(path: Path) -> None:
 
 
 def check_space(data_dir: Path, manifest: Manifest, target: Target, snapshot: bool) -> int:
-    """Staging needs the RDB (twice with AOF); a safety BGSAVE needs about one more RDB."""
-    needed = manifest.raw_size * (2 if target.aof else 1)
-    if snapshot:
-        needed += _size_or(data_dir / target.dbfilename, target.used_memory)
+    """Staging needs the RDB twice (dump file and AOF base); a safety BGSAVE needs about one
+    more RDB."""
+    needed = manifest.raw_size * 2
+    if snapshot:  # and its copy as an AOF base, when an AOF dir is there (snapshot_aof)
+        copies = 2 if (data_dir / target.aof_dir).is_dir() else 1
+        needed += copies * _size_or(data_dir / target.dbfilename, target.used_memory)
     source.check_space(data_dir, needed, f"staging backup {manifest.id}")
     return needed
 

@@ -17,6 +17,7 @@ from backupd import checkpoints
 from backupd.actions.restore.journal import (
     AFTER_SWAP,
     DONE,
+    RESTARTING,
     SWAPPED,
     SWAPPING,
     Journal,
@@ -109,10 +110,17 @@ def _revert_config(link: RedisLink, journal: Journal) -> None:
         client.close()
 
 
+STALE_SUFFIX = ".stale"
+
+
 def move_aside(run: Run) -> None:
+    """Redis's files into the pre-restore dir. One that is there already was built from the
+    safety snapshot (an AOF dir the running Redis no longer writes): the original is kept
+    beside it as `<name>.stale`, and the rollback puts back the one built from the snapshot."""
     for name, existed in run.journal.entries.items():
         if existed and os.path.lexists(run.data_dir / name):
-            os.rename(run.data_dir / name, run.pre_dir / name)
+            aside = name + (STALE_SUFFIX if os.path.lexists(run.pre_dir / name) else "")
+            os.rename(run.data_dir / name, run.pre_dir / aside)
 
 
 def install(run: Run, staged: Staged) -> None:
@@ -209,20 +217,25 @@ class RolledBack:
     moved: bool
     started: bool
     keys: int | None
+    differs: str = ""  # how Redis's keys per db differ from before the restore ("" = same)
 
 
 def roll_back(run: Run, start: bool) -> RolledBack:
     """Put the previous files back and Redis on them, from any journal state; removes the
     pre-restore dir when done. Used after a failed step and by `--rollback`."""
     log.info("rollback_started", state=run.journal.state, pre_restore_dir=str(run.pre_dir))
-    if not needs_put_back(run):
+    before_swap = run.journal.state not in (SWAPPING, *AFTER_SWAP, DONE)
+    if before_swap or not needs_put_back(run):
+        if before_swap:
+            put_back(run)  # only an AOF dir built from the snapshot (snapshot_aof) is there
         started = _ensure_running(run, start)
         _revert_config(run.link, run.journal)
         return _finish_rollback(run, moved=False, started=started)
     if run.controller.swap_while_running:
         return _roll_back_live(run)
     answers = run.link.answers()
-    if answers or run.controller.is_running():
+    # RESTARTING: a start was issued; a restart policy may be starting Redis again and again.
+    if answers or run.controller.is_running() or run.journal.state == RESTARTING:
         if answers:
             _quiet_before_stop(run)
         _stop_for_rollback(run)
@@ -232,18 +245,28 @@ def roll_back(run: Run, start: bool) -> RolledBack:
     started = False
     if run.journal.was_running or start:
         run.controller.start()
-        wait_ready(run.link, "", run.cfg.start_timeout)
+        _wait_ready(run, "")
         started = True
     return _finish_rollback(run, moved=True, started=started)
+
+
+def _wait_ready(run: Run, not_run_id: str) -> dict[str, Any]:
+    return wait_ready(run.link, not_run_id, run.cfg.start_timeout, run.cfg.answer_timeout)
 
 
 def _roll_back_live(run: Run) -> RolledBack:
     """shutdown method: swap back while Redis runs, then SHUTDOWN NOSAVE NOW."""
     info = run.link.ready_info()
     if info is None:
+        # Down or crash-looping on the restored files: the restart policy, if any, now
+        # starts Redis on the previous ones.
         put_back(run)
-        log.warning("rollback_redis_down", hint=run.controller.not_back_hint())
-        return _finish_rollback(run, moved=True, started=False)
+        try:
+            _wait_ready(run, "")
+        except RestoreError as exc:
+            log.warning("rollback_redis_down", error=str(exc), hint=run.controller.not_back_hint())
+            return _finish_rollback(run, moved=True, started=False)
+        return _finish_rollback(run, moved=True, started=True)
     if info.get("run_id") == run.journal.run_id_before:
         # Never shut down: memory still holds the previous data, which now matches the files.
         put_back(run)
@@ -252,7 +275,7 @@ def _roll_back_live(run: Run) -> RolledBack:
     quiesce(run.link, run.aof, run.save_timeout, live=True)
     put_back(run)
     run.controller.stop()
-    wait_ready(run.link, str(info.get("run_id", "")), run.cfg.start_timeout)
+    _wait_ready(run, str(info.get("run_id", "")))
     return _finish_rollback(run, moved=True, started=True)
 
 
@@ -279,18 +302,25 @@ def _ensure_running(run: Run, start: bool) -> bool:
     if not (run.journal.was_running or start):
         return False
     run.controller.start()
-    wait_ready(run.link, "", run.cfg.start_timeout)
+    _wait_ready(run, "")
     return True
 
 
 def _finish_rollback(run: Run, moved: bool, started: bool) -> RolledBack:
-    keys = None
+    keys, differs = None, ""
     if started:
         info = run.link.ready_info()
-        keys = None if info is None else sum(
-            int(v.get("keys", 0)) for k, v in info.items()
-            if k.startswith("db") and k[2:].isdigit() and isinstance(v, dict))
-        if keys is not None and run.journal.keys_before is not None \
+        per_db = None if info is None else {
+            k: int(v.get("keys", 0)) for k, v in info.items()
+            if k.startswith("db") and k[2:].isdigit() and isinstance(v, dict)}
+        keys = None if per_db is None else sum(per_db.values())
+        before = run.journal.keys_per_db_before
+        if per_db is not None and before and per_db != before:
+            differs = "; ".join(f"{db} has {per_db.get(db, 0)} keys, had {before.get(db, 0)}"
+                                for db in sorted(set(per_db) | set(before))
+                                if per_db.get(db, 0) != before.get(db, 0))
+            log.warning("rollback_keys_differ", differs=differs)
+        elif keys is not None and run.journal.keys_before is not None \
                 and keys != run.journal.keys_before:
             log.warning("rollback_key_count_differs", keys=keys, before=run.journal.keys_before)
     for staging in staging_dirs(run.data_dir):
@@ -298,4 +328,4 @@ def _finish_rollback(run: Run, moved: bool, started: bool) -> RolledBack:
     remove_tree(run.pre_dir)
     fsync_dir(run.data_dir)
     log.info("rollback_done", moved=moved, started=started, keys=keys)
-    return RolledBack(moved, started, keys)
+    return RolledBack(moved, started, keys, differs)

@@ -4,8 +4,9 @@ files, AOF, key count), found out before anything stops (step 2)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from backupd.controllers.base import Controller, poll_until
 from backupd.errors import (
     BackupdError,
     IntegrityError,
+    NeverAnswered,
+    RedisExited,
     RedisUnavailable,
     RestoreError,
 )
@@ -80,13 +83,66 @@ class RedisLink:
         return None if int(info.get("loading", 0)) else info
 
 
-def wait_ready(link: RedisLink, not_run_id: str, timeout: float) -> dict[str, Any]:
-    """Wait for PING, loading:0 and a run_id other than `not_run_id` (a restarted server)."""
+    def probe(self) -> tuple[str, dict[str, Any]]:
+        """("ready", INFO) once loaded, ("loading", {}), ("down", {}) when nothing answers;
+        RedisAuthError when Redis answers but rejects the login."""
+        try:
+            client = self.connect()
+        except RedisUnavailable as exc:
+            return ("loading" if "loading" in str(exc).lower() else "down"), {}
+        try:
+            with self.errors():
+                info: dict[str, Any] = client.info("everything")
+        except RedisUnavailable as exc:
+            return ("loading" if "loading" in str(exc).lower() else "down"), {}
+        finally:
+            client.close()
+        return ("loading" if int(info.get("loading", 0)) else "ready"), info
+
+
+GONE_AFTER = 1.0  # silent this long after it answered: the new server has exited
+
+
+def wait_ready(link: RedisLink, not_run_id: str, timeout: float,
+               answer_timeout: float = 10.0) -> dict[str, Any]:
+    """Wait for PING, loading:0 and a run_id other than `not_run_id` (a restarted server).
+
+    Fails fast on a dead server instead of waiting `timeout` (the whole load): RedisExited
+    when a new server answered (-LOADING or loaded) and then went silent or restarted again
+    (a crash loop), NeverAnswered when nothing new answered within `answer_timeout`."""
+    started = time.monotonic()
     seen: dict[str, Any] = {}
+    last_answer: float | None = None
+    answering = False
+    deaths = 0
+    run_ids: set[str] = set()
 
     def ready() -> bool:
-        info = link.ready_info()
-        if info is None or (not_run_id and info.get("run_id") == not_run_id):
+        nonlocal last_answer, answering, deaths
+        state, info = link.probe()
+        now = time.monotonic()
+        run_id = str(info.get("run_id", ""))
+        if state == "down" or (not_run_id and run_id == not_run_id):
+            if state == "down" and answering:
+                answering, deaths = False, deaths + 1
+            if deaths and (deaths > 1 or now - (last_answer or now) >= GONE_AFTER):
+                raise RedisExited(f"Redis at {link.where} started, answered, then exited "
+                                  + ("and started again " if deaths > 1 else "")
+                                  + f"({now - started:.1f}s after the start)"
+                                  + (": a crash loop" if deaths > 1 else ""))
+            if last_answer is None and now - started >= min(answer_timeout, timeout):
+                raise NeverAnswered(f"nothing new answered at {link.where} within "
+                                    f"{min(answer_timeout, timeout):g}s of the start "
+                                    "(restore.answer_timeout)")
+            return False
+        last_answer, answering = now, True
+        if run_id:
+            run_ids.add(run_id)
+            if len(run_ids) > 1:
+                raise RedisExited(f"Redis at {link.where} restarted again after the start "
+                                  f"(run_ids {', '.join(sorted(r[:8] for r in run_ids))}): "
+                                  "a crash loop")
+        if state != "ready":
             return False
         seen.update(info)
         return True
@@ -116,11 +172,17 @@ class Target:
     cluster: bool = False
     used_memory: int = 0
     server: str = servers.REDIS  # "redis" or "valkey"
+    keys_per_db: dict[str, int] = field(default_factory=dict)
+    databases: int | None = None  # None: unknown (Redis down, or CONFIG unavailable)
+    maxmemory: int = 0
+    maxmemory_policy: str = ""
+    config_denied: str = ""  # why CONFIG cannot be used ("" = it can)
 
     @property
     def entries(self) -> list[str]:
-        """The top-level names in data_dir that a restore replaces."""
-        return [self.dbfilename, self.aof_dir] if self.aof else [self.dbfilename]
+        """The top-level names in data_dir that a restore replaces: the RDB and the AOF dir,
+        whatever AOF says now (a runtime `CONFIG SET appendonly` is forgotten at restart)."""
+        return [self.dbfilename, self.aof_dir]
 
 
 def inspect_target(link: RedisLink, controller: Controller, data_dir: Path) -> Target:
@@ -129,7 +191,7 @@ def inspect_target(link: RedisLink, controller: Controller, data_dir: Path) -> T
         client = link.connect()
     except RedisUnavailable as exc:
         log.warning("redis_not_answering", where=link.where, error=str(exc))
-        return _target_from_files(data_dir, bool(running))
+        return _target_from_files(data_dir, bool(running), link.cfg)
     try:
         with link.errors():
             return _target_from_server(client, link.cfg)
@@ -137,42 +199,76 @@ def inspect_target(link: RedisLink, controller: Controller, data_dir: Path) -> T
         client.close()
 
 
+_CONFIG_KEYS = ("appendonly", "appenddirname", "appendfilename", "dbfilename", "databases")
+
+
 def _target_from_server(client: redis.Redis, cfg: RedisConfig) -> Target:
     info = source.server_info(client, cfg)
-    conf = {key: config_get(client, key) for key in
-            ("appendonly", "appenddirname", "appendfilename", "dbfilename")}
-    aof = conf["appendonly"] == "yes"
-    if aof and not conf["appenddirname"]:
-        raise RestoreError(f"{info.facts.identity.label} uses a single-file AOF (Redis < 7.0); "
-                           "backupd restores the Redis 7 multi-part AOF only")
     raw = info.persistence
+    conf, denied = read_config_keys(client, _CONFIG_KEYS)
+    if denied:
+        log.warning("config_unavailable", reason=denied)
+    names = {key: conf.get(key, "") or getattr(cfg, key) for key in
+             ("dbfilename", "appenddirname", "appendfilename")}
+    if denied and not (names["dbfilename"] and names["appenddirname"]):
+        raise RestoreError(config_unavailable_text(denied))
+    if not names["appenddirname"]:
+        raise RestoreError(f"{info.facts.identity.label} has no appenddirname (Redis < 7.0, "
+                           "single-file AOF); backupd restores Redis 7 and newer only")
+    databases = conf.get("databases", "")
     return Target(
         answers=True, running=True, version=info.facts.version, run_id=info.facts.run_id,
-        keys=info.keys, aof=aof, dbfilename=safe_name(conf["dbfilename"] or "dump.rdb"),
-        aof_dir=safe_name(conf["appenddirname"] or "appendonlydir"),
-        aof_file=safe_name(conf["appendfilename"] or "appendonly.aof"),
+        keys=info.keys, aof=bool(int(raw.get("aof_enabled", 0))),
+        dbfilename=safe_name(names["dbfilename"]),
+        aof_dir=safe_name(names["appenddirname"]),
+        aof_file=safe_name(names["appendfilename"] or "appendonly.aof"),
         role=info.facts.role, cluster=bool(int(raw.get("cluster_enabled", 0))),
         used_memory=int(raw.get("used_memory_dataset", 0)), server=info.facts.server,
+        keys_per_db=info.keys_per_db,
+        databases=int(databases) if databases.isdigit() else None,
+        maxmemory=int(raw.get("maxmemory", 0)),
+        maxmemory_policy=str(raw.get("maxmemory_policy", "")), config_denied=denied,
     )
 
 
-def config_get(client: redis.Redis, key: str) -> str:
+def read_config_keys(client: redis.Redis, keys: Sequence[str]) -> tuple[dict[str, str], str]:
+    """CONFIG GET of `keys` (one round trip); ({}, why) when CONFIG is renamed or denied."""
     try:
-        return str(client.config_get(key).get(key, ""))
-    except redis.exceptions.NoPermissionError:
-        raise RestoreError(f"the Redis user cannot run CONFIG GET {key}: a restore needs "
-                           "+config|get +config|set +info +ping +bgsave "
-                           "(+shutdown for the shutdown method)") from None
+        got = client.config_get(*keys)
+    except redis.exceptions.NoPermissionError as exc:
+        return {}, f"the Redis user may not run CONFIG GET ({exc})"
+    except redis.exceptions.ResponseError as exc:
+        if "unknown command" in str(exc).lower():
+            return {}, "Redis does not know the CONFIG command (rename-command CONFIG)"
+        raise
+    return {str(k): str(v) for k, v in got.items()}, ""
 
 
-def _target_from_files(data_dir: Path, running: bool) -> Target:
-    """Redis is down: take the file names from what is on disk (defaults otherwise)."""
+def config_unavailable_text(denied: str) -> str:
+    return (f"{denied}. A restore needs CONFIG GET (file names, databases) and CONFIG SET "
+            "(save \"\" so no save overwrites the restored files): grant +config|get "
+            "+config|set, or start Redis without rename-command CONFIG. Nothing was stopped "
+            "or changed. With the command or docker method, setting redis.dbfilename and "
+            "redis.appenddirname lets the restore run without CONFIG.")
+
+
+def config_get(client: redis.Redis, key: str) -> str:
+    conf, denied = read_config_keys(client, (key,))
+    if denied:
+        raise RestoreError(config_unavailable_text(denied))
+    return conf.get(key, "")
+
+
+def _target_from_files(data_dir: Path, running: bool, cfg: RedisConfig) -> Target:
+    """Redis is down: take the file names from the config or what is on disk (defaults
+    otherwise)."""
     aof_dir, aof_file = _find_aof_layout(data_dir)
     rdbs = sorted(p.name for p in scan_dir(data_dir) if p.is_file() and p.suffix == ".rdb")
-    dbfilename = rdbs[0] if len(rdbs) == 1 else "dump.rdb"
+    dbfilename = cfg.dbfilename or (rdbs[0] if len(rdbs) == 1 else "dump.rdb")
     return Target(answers=False, running=running, version="", run_id="", keys=None,
-                  aof=aof_dir is not None, dbfilename=dbfilename,
-                  aof_dir=aof_dir or "appendonlydir", aof_file=aof_file or "appendonly.aof")
+                  aof=aof_dir is not None, dbfilename=safe_name(dbfilename),
+                  aof_dir=safe_name(cfg.appenddirname or aof_dir or "appendonlydir"),
+                  aof_file=safe_name(cfg.appendfilename or aof_file or "appendonly.aof"))
 
 
 def _find_aof_layout(data_dir: Path) -> tuple[str | None, str | None]:
