@@ -123,9 +123,6 @@ from backupd.errors import (
 log = structlog.get_logger("backupd.restore")
 
 
-log = structlog.get_logger("backupd.restore")
-
-
 @dataclass
 class Context:
     config: Config

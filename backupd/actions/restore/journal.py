@@ -21,9 +21,6 @@ from backupd.pipeline import (
 
 log = structlog.get_logger("backupd.restore")
 
-
-log = structlog.get_logger("backupd.restore")
-
 STAGING_PREFIX = ".backupd-restore-"
 PRE_PREFIX = ".backupd-pre-restore-"
 JOURNAL = "restore.json"

@@ -18,9 +18,6 @@ from backupd.errors import (
 log = structlog.get_logger("backupd.restore")
 
 
-log = structlog.get_logger("backupd.restore")
-
-
 def interrupted(data_dir: Path) -> list[tuple[Path, Journal]]:
     found = []
     for pre in pre_dirs(data_dir):

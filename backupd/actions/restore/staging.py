@@ -42,9 +42,6 @@ from backupd.storage.base import Listing, Storage
 
 log = structlog.get_logger("backupd.restore")
 
-
-log = structlog.get_logger("backupd.restore")
-
 PROGRESS_LOG_EVERY = 5.0
 
 

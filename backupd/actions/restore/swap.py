@@ -38,9 +38,6 @@ from backupd.pipeline import (
 log = structlog.get_logger("backupd.restore")
 
 
-log = structlog.get_logger("backupd.restore")
-
-
 @dataclass
 class Run:
     """Everything the destructive part needs, passed around as one object."""

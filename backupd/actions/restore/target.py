@@ -29,9 +29,6 @@ from backupd.rdb import HEADER_SIZE, parse_header
 
 log = structlog.get_logger("backupd.restore")
 
-
-log = structlog.get_logger("backupd.restore")
-
 AOF_MANIFEST_SUFFIX = ".manifest"
 
 
