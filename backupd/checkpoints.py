@@ -71,7 +71,7 @@ def _pause(marker: Path) -> None:
 
 
 class ByteMarks:
-    """A pipeline observer (pipeline.ObservedReader) that marks stages by bytes seen:
+    """A pipeline observer (streams.ObservedReader) that marks stages by bytes seen:
     `marks` is [(byte count, stage)]; each stage is reached once, when that many bytes passed."""
 
     def __init__(self, marks: list[tuple[int, str]]) -> None:

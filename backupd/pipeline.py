@@ -36,20 +36,23 @@ import zstandard
 
 from backupd import zstd_frames
 from backupd.codecs import ZlibReader, ZlibWriter, through_pyrage
-from backupd.codecs import load_identities as load_identities
 from backupd.errors import IntegrityError, StorageError
 from backupd.fsio import FileSink, atomic_file
-from backupd.fsio import fsync_dir as fsync_dir
-from backupd.fsio import write_atomic as write_atomic
 from backupd.rdb import HeaderCheck, RdbChecker, RdbInfo
-from backupd.streams import CHUNK as CHUNK
-from backupd.streams import Chunks, Observer, Readable, Writable, copy_stream, fan_out
-from backupd.streams import ObservedReader as ObservedReader
-from backupd.streams import ObservedWriter as ObservedWriter
+from backupd.streams import (
+    CHUNK,
+    Chunks,
+    ObservedReader,
+    ObservedWriter,
+    Observer,
+    Readable,
+    Writable,
+    copy_stream,
+    fan_out,
+)
 from backupd.zstd_frames import FramedCompressor
 from backupd.zstd_frames import decode as decode_zstd_frames
 
-# The `as` imports above are the names backupd.actions.restore imports from here.
 READ_SIZE = 2 * CHUNK  # per read() of the source: fewer, larger steps through the stages
 DEPTH = 2  # chunks waiting in each stage's queue: bounds memory, absorbs jitter
 

@@ -15,9 +15,7 @@ from backupd.actions.restore.target import safe_name, scan_dir
 from backupd.errors import (
     RestoreError,
 )
-from backupd.pipeline import (
-    write_atomic,
-)
+from backupd.fsio import write_atomic
 
 log = structlog.get_logger("backupd.restore")
 

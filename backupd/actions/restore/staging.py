@@ -20,6 +20,7 @@ from backupd import manifest as mf
 from backupd.actions.catalog import Catalog, Entry, storages
 from backupd.actions.restore.journal import STAGING_PREFIX
 from backupd.actions.restore.target import AOF_MANIFEST_SUFFIX, Target, scan_dir
+from backupd.codecs import load_identities
 from backupd.config import Config
 from backupd.errors import (
     IntegrityError,
@@ -27,18 +28,12 @@ from backupd.errors import (
     StorageError,
     UsageError,
 )
+from backupd.fsio import fsync_dir, write_atomic
 from backupd.manifest import Manifest
-from backupd.pipeline import (
-    CHUNK,
-    ObservedReader,
-    UnpackResult,
-    fsync_dir,
-    load_identities,
-    unpack,
-    write_atomic,
-)
+from backupd.pipeline import UnpackResult, unpack
 from backupd.rdb_keys import SampledKey, sample_file
 from backupd.storage.base import Listing, Storage
+from backupd.streams import CHUNK, ObservedReader
 
 log = structlog.get_logger("backupd.restore")
 

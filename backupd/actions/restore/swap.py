@@ -31,9 +31,7 @@ from backupd.errors import (
     BackupdError,
     RestoreError,
 )
-from backupd.pipeline import (
-    fsync_dir,
-)
+from backupd.fsio import fsync_dir
 
 log = structlog.get_logger("backupd.restore")
 

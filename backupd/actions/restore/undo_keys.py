@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from backupd import manifest as mf
 from backupd.errors import RestoreError, UsageError
-from backupd.pipeline import fsync_dir
+from backupd.fsio import fsync_dir
 
 UNDO_DIR = ".backupd-undo"
 SUFFIX = ".jsonl"
