@@ -40,6 +40,7 @@ from backupd.errors import (
     StaleReplica,
 )
 from backupd.manifest import RedisFacts
+from backupd.polling import poll_until
 
 log = structlog.get_logger("backupd.source")
 
@@ -234,12 +235,9 @@ def _replication(client: redis.Redis) -> dict[str, Any]:
 
 
 def _poll(deadline: float, what: str, done: Callable[[], bool]) -> None:
-    delay = POLL_MIN
-    while not done():
-        if time.monotonic() >= deadline:
-            raise SnapshotError(f"timed out waiting for {what} (redis.save_timeout)")
-        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 2, POLL_MAX)
+    poll_until(done, deadline,
+               lambda: SnapshotError(f"timed out waiting for {what} (redis.save_timeout)"),
+               first=POLL_MIN, longest=POLL_MAX)
 
 
 def _request_save(client: redis.Redis, deadline: float) -> str:
