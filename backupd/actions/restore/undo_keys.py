@@ -10,17 +10,18 @@ last one (a run killed in between leaves the values it replaced, which is what m
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
-import secrets
+import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from backupd import manifest as mf
 from backupd.errors import RestoreError, UsageError
-from backupd.fsio import fsync_dir
+from backupd.fsio import atomic_file
 
 UNDO_DIR = ".backupd-undo"
 SUFFIX = ".jsonl"
@@ -62,29 +63,17 @@ def write(path: Path, header: dict[str, Any], records: Iterable[Record],
     the records of `keep` (an earlier version of this file) when given."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        with open(fd, "wb") as fh:
-            if keep is not None:
-                with open(keep, "rb") as old:
-                    _copy(old, fh)
-            else:
-                fh.write(json.dumps({"format": FORMAT, **header}).encode() + b"\n")
-            for record in records:
-                fh.write(_line(record))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.rename(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _copy(src: IO[bytes], dst: IO[bytes]) -> None:
-    while chunk := src.read(1 << 20):
-        dst.write(chunk)
+    with atomic_file(path) as raw:
+        fh = io.BufferedWriter(raw, 1 << 20)  # one record a line: write them in large pieces
+        if keep is not None:
+            with open(keep, "rb") as old:
+                shutil.copyfileobj(old, fh, 1 << 20)
+        else:
+            fh.write(json.dumps({"format": FORMAT, **header}).encode() + b"\n")
+        for record in records:
+            fh.write(_line(record))
+        fh.flush()
+        fh.detach()  # atomic_file fsyncs and closes the file itself
 
 
 def read(path: Path) -> tuple[dict[str, Any], Iterator[Record]]:
