@@ -48,6 +48,9 @@ def parse_time(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+SOURCES = ("volume", "replication")
+
+
 @dataclass(frozen=True)
 class RedisFacts:
     version: str = ""  # the real version (Valkey's valkey_version, not its redis_version)
@@ -89,6 +92,7 @@ class Manifest:
     keys_exact: bool = False  # keys counted from the RDB itself, not from INFO a moment later
     replication: dict[str, Any] = field(default_factory=dict)  # role, link, lag (replicas)
     sentinel: dict[str, Any] = field(default_factory=dict)  # the sentinels' view, if any
+    source: str = "volume"  # how the RDB was read: "volume" (BGSAVE file) or "replication"
     format_version: int = FORMAT_VERSION
 
     @property
@@ -111,7 +115,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "rdb_checksum": str, "keys": int, "raw_size": int, "raw_sha256": str, "stored_size": int,
     "stored_sha256": str, "compression": str, "encryption": str, "artifact": str,
     "duration_s": (int, float), "backupd_version": str, "upload": str, "format_version": int,
-    "keys_exact": bool,
+    "keys_exact": bool, "source": str,
 }
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _FACT_TYPES: dict[str, type] = {"version": str, "host": str, "port": int, "role": str,
@@ -188,6 +192,8 @@ def parse(data: bytes, expected_id: str | None = None) -> Manifest:
                 isinstance(v, str | int | float | bool) or v is None for v in value.values()):
             raise IntegrityError(f"{where}: field {key!r} is not an object of plain values")
         values[key] = value
+    if values.get("source", "volume") not in SOURCES:
+        raise IntegrityError(f"{where}: field 'source' is not one of {SOURCES}")
     values.setdefault("tag", "")
     values.setdefault("trigger", "manual")
     values.setdefault("rdb_version", 0)
