@@ -154,7 +154,8 @@ class S3Config:
 
 @dataclass(frozen=True)
 class RestoreConfig:
-    method: str = _choice("shutdown", "docker", "command", "shutdown")
+    method: str = _choice("shutdown", "docker", "command", "shutdown", "replicaof")
+    replicaof_announce_host: str = "127.0.0.1"
     docker_url: str = "unix:///var/run/docker.sock"
     docker_container: str = ""
     compose_project: str = ""
