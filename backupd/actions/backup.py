@@ -213,7 +213,7 @@ def _from_replication(client: redis.Redis, endpoint: Endpoint, storage: LocalSto
         name = _artifact_name(backup_id, config)
         log.info("snapshot_started", id=backup_id, source="replication", where=endpoint.where)
         checkpoints.reached("snapshot")
-        packed = pack(_Marked(stream, config), storage.dir / name,
+        packed = pack(_CheckpointReader(stream, config), storage.dir / name,
                       compression=config.backup.compression,
                       level=config.backup.compression_level,
                       recipients=config.backup.age_recipients, follower=follower)

@@ -28,8 +28,8 @@ from backupd.actions.restore.staging import fetch_and_check, identities_for, sel
 from backupd.config import Config
 from backupd.controllers.throwaway import Listen, server_identity, throwaway_server
 from backupd.errors import BackupdError, RestoreError
-from backupd.pipeline import copy_stream
 from backupd.replication import ReplicationStream
+from backupd.streams import copy_stream
 
 log = structlog.get_logger("backupd.restore.live")
 
