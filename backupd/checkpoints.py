@@ -31,6 +31,8 @@ Stages (tests/faults/ kills at each of them):
            restore-stopped    Redis is down, nothing swapped yet
            restore-moved      Redis's files are moved aside, the new ones not yet in place
            restore-started    the start command returned, Redis not checked yet
+           restore-replicaof  replicaof method: the target was just made a replica of the
+                              throwaway server, the sync not waited for yet
            rollback-stopped   rollback: Redis is down, nothing moved back yet
            rollback-put-back  rollback: the previous files are back, Redis not started yet
 """

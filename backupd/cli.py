@@ -371,7 +371,8 @@ def health_cmd(state: State) -> None:
 @click.option("--dry-run", is_flag=True,
               help="Download and check everything, print the plan, change nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-@click.option("--method", type=click.Choice(["docker", "command", "shutdown"]), default=None,
+@click.option("--method", type=click.Choice(["docker", "command", "shutdown", "replicaof"]),
+              default=None,
               help="How to stop and start Redis (default: restore.method).")
 @click.option("--start", is_flag=True,
               help="Start Redis after the restore even if it was not running before.")

@@ -94,6 +94,7 @@ class RedisConfig:
     tls_key_file: str = ""
     tls_server_name: str = ""
     tls_verify: bool = True
+    source: str = _choice("volume", "volume", "replication")
     data_dir: str = "/data"
     # Redis's file names, for a restore where CONFIG GET cannot tell them (CONFIG renamed).
     dbfilename: str = ""
@@ -157,7 +158,8 @@ class S3Config:
 
 @dataclass(frozen=True)
 class RestoreConfig:
-    method: str = _choice("shutdown", "docker", "command", "shutdown")
+    method: str = _choice("shutdown", "docker", "command", "shutdown", "replicaof")
+    replicaof_announce_host: str = "127.0.0.1"
     docker_url: str = "unix:///var/run/docker.sock"
     docker_container: str = ""
     compose_project: str = ""
@@ -410,7 +412,7 @@ def _validate(config: Config, origin: str) -> None:
     r = config.redis
     if not 1 <= r.port <= 65535:
         raise bad("redis.port", "a port number from 1 to 65535", r.port)
-    if not r.data_dir:
+    if not r.data_dir and r.source == "volume":
         raise bad("redis.data_dir", "the path of the Redis data volume in this container", "")
     for key, seconds in (("redis.save_timeout", r.save_timeout),
                          ("redis.connect_timeout", r.connect_timeout),
@@ -422,7 +424,7 @@ def _validate(config: Config, origin: str) -> None:
     if not b.dir:
         raise bad("backup.dir", "a directory path", "")
     backup_dir, data_dir = Path(b.dir).resolve(), Path(r.data_dir).resolve()
-    if backup_dir == data_dir or data_dir in backup_dir.parents:
+    if r.source == "volume" and (backup_dir == data_dir or data_dir in backup_dir.parents):
         raise ConfigError(
             f"{origin}: key 'backup.dir': {b.dir!r} is inside redis.data_dir {r.data_dir!r}; "
             "backups must live on another volume (a full data volume makes Redis refuse writes)"

@@ -48,6 +48,9 @@ def parse_time(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+SOURCES = ("volume", "replication")
+
+
 @dataclass(frozen=True)
 class RedisFacts:
     version: str = ""  # the real version (Valkey's valkey_version, not its redis_version)
@@ -94,6 +97,7 @@ class Manifest:
     # "<db>:<type>:<digest of the name>" of the first keys of each db (backupd.rdb_keys); a
     # restore checks that they exist after the restart.
     key_sample: list[str] = field(default_factory=list)
+    source: str = "volume"  # how the RDB was read: "volume" (BGSAVE file) or "replication"
     format_version: int = FORMAT_VERSION
 
     @property
@@ -116,7 +120,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "rdb_checksum": str, "keys": int, "raw_size": int, "raw_sha256": str, "stored_size": int,
     "stored_sha256": str, "compression": str, "encryption": str, "artifact": str,
     "duration_s": (int, float), "backupd_version": str, "upload": str, "format_version": int,
-    "keys_exact": bool,
+    "keys_exact": bool, "source": str,
 }
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _FACT_TYPES: dict[str, type] = {"version": str, "host": str, "port": int, "role": str,
@@ -197,6 +201,8 @@ def parse(data: bytes, expected_id: str | None = None) -> Manifest:
         values[key] = value
     if not all(_SAMPLE_RE.fullmatch(v) for v in str_lists["key_sample"]):
         raise IntegrityError(f"{where}: field 'key_sample' is malformed")
+    if values.get("source", "volume") not in SOURCES:
+        raise IntegrityError(f"{where}: field 'source' is not one of {SOURCES}")
     values.setdefault("tag", "")
     values.setdefault("trigger", "manual")
     values.setdefault("rdb_version", 0)

@@ -7,15 +7,19 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import filelock
+import redis
 import structlog
 
-from backupd import __version__, checkpoints, discovery, source
+from backupd import __version__, checkpoints, discovery, replication, source
 from backupd import manifest as mf
 from backupd.config import Config
+from backupd.endpoint import Endpoint
 from backupd.errors import BusyError, IntegrityError, StorageError, UsageError
 from backupd.manifest import Manifest
 from backupd.pipeline import Digester, Follower, PackResult, pack
@@ -130,24 +134,22 @@ def run_backup(config: Config, *, trigger: str = "manual", tag: str = "",
     endpoint = discovery.resolve(config.redis, env)
     client = source.connect_endpoint(endpoint)
     try:
-        replication, replica_warnings = source.replication(client, endpoint)
-        with source.follow_snapshot(client, endpoint.cfg, storage.dir) as snap:
-            backup_id, moment = next_id(mf.now_utc(), previous)
-            encrypted = bool(config.backup.age_recipients)
-            name = mf.artifact_name(backup_id, config.backup.compression, encrypted)
-            log.info("snapshot_started", id=backup_id, path=str(snap.path))
-            checkpoints.reached("snapshot")
-            packed, sample = _pack_snapshot(snap, storage.dir / name, config, follower)
-            keys_per_db, keys_exact = count_keys(os.pread(snap.fileno(), HEAD_BYTES, 0),
-                                                 snap.server.keys_per_db)
+        repl_facts, replica_warnings = source.replication(client, endpoint)
+        if config.redis.source == "replication":
+            taken = _from_replication(client, endpoint, storage, previous, config, follower)
+        else:
+            taken = _from_volume(client, endpoint, storage, previous, config, follower)
     finally:
         client.close()
+    backup_id, moment, name, packed = taken.id, taken.moment, taken.name, taken.packed
+    encrypted = bool(config.backup.age_recipients)
+    keys_per_db = taken.keys_per_db
     keys = sum(keys_per_db.values())
     manifest = Manifest(
         id=backup_id, created_at=mf.format_time(moment), trigger=trigger, tag=tag,
-        redis=snap.server.facts, rdb_version=packed.rdb.version,
+        redis=taken.server.facts, rdb_version=packed.rdb.version,
         rdb_checksum=packed.rdb.checksum, keys=keys, keys_per_db=keys_per_db,
-        keys_exact=keys_exact, key_sample=sample, raw_size=packed.raw.size,
+        keys_exact=taken.keys_exact, key_sample=taken.key_sample, raw_size=packed.raw.size,
         raw_sha256=packed.raw.sha256, stored_size=packed.stored.size,
         stored_sha256=packed.stored.sha256, compression=config.backup.compression,
         encryption="age" if encrypted else "none", artifact=name,
@@ -155,7 +157,8 @@ def run_backup(config: Config, *, trigger: str = "manual", tag: str = "",
         duration_s=round(time.monotonic() - started, 3), backupd_version=__version__,
         warnings=replica_warnings + anomalies(keys, packed.raw.size, previous),
         upload="pending" if config.s3.enabled else "none",
-        replication=replication, sentinel=endpoint.sentinel,
+        replication={**repl_facts, **taken.facts}, sentinel=endpoint.sentinel,
+        source=config.redis.source,
     )
     _check_stored(storage, manifest)
     checkpoints.reached("manifest")
@@ -177,6 +180,79 @@ def run_backup(config: Config, *, trigger: str = "manual", tag: str = "",
     return manifest
 
 
+@dataclass(frozen=True)
+class _Taken:
+    """What a source gave: the packed artifact and the facts its manifest records."""
+
+    id: str
+    moment: datetime
+    name: str
+    packed: PackResult
+    server: source.ServerInfo
+    keys_per_db: dict[str, int]
+    keys_exact: bool
+    key_sample: list[str]
+    facts: dict[str, Any] = field(default_factory=dict)  # the replication source's facts
+
+
+def _from_volume(client: redis.Redis, endpoint: Endpoint, storage: LocalStorage,
+                 previous: Manifest | None, config: Config, follower: Follower | None) -> _Taken:
+    """BGSAVE, and pack() Redis's snapshot file while it is written (redis.source = volume)."""
+    with source.follow_snapshot(client, endpoint.cfg, storage.dir) as snap:
+        backup_id, moment = next_id(mf.now_utc(), previous)
+        name = _artifact_name(backup_id, config)
+        log.info("snapshot_started", id=backup_id, path=str(snap.path))
+        checkpoints.reached("snapshot")
+        packed, sample = _pack_snapshot(snap, storage.dir / name, config, follower)
+        keys_per_db, keys_exact = count_keys(os.pread(snap.fileno(), HEAD_BYTES, 0),
+                                             snap.server.keys_per_db)
+    return _Taken(backup_id, moment, name, packed, snap.server, keys_per_db, keys_exact, sample)
+
+
+def _from_replication(client: redis.Redis, endpoint: Endpoint, storage: LocalStorage,
+                      previous: Manifest | None, config: Config,
+                      follower: Follower | None) -> _Taken:
+    """A full sync over the replication protocol, packed as it arrives (redis.source =
+    replication): no data volume, no BGSAVE file. A failed stream is not retried here: the
+    next run takes a new one."""
+    with source.redis_errors(endpoint.cfg, True):
+        server = source.server_info(client, endpoint.cfg)
+        delay = replication.diskless_delay(client)
+    if delay:
+        log.info("replication_sync_delay", seconds=delay,
+                 hint="the master waits repl-diskless-sync-delay before a diskless transfer; "
+                      "CONFIG SET repl-diskless-sync-delay 0 if no replicas need to join")
+    stream = replication.ReplicationStream(endpoint)
+    try:
+        backup_id, moment = next_id(mf.now_utc(), previous)
+        name = _artifact_name(backup_id, config)
+        log.info("snapshot_started", id=backup_id, source="replication", where=endpoint.where)
+        checkpoints.reached("snapshot")
+        sampler = KeySampler(int(db[2:]) for db in server.keys_per_db)
+        packed = pack(_CheckpointReader(stream, config), storage.dir / name,
+                      compression=config.backup.compression,
+                      level=config.backup.compression_level,
+                      recipients=config.backup.age_recipients, follower=follower,
+                      observe=sampler)
+    finally:
+        stream.close()
+    keys_per_db, keys_exact = count_keys(stream.head, server.keys_per_db)
+    return _Taken(backup_id, moment, name, packed, server, keys_per_db, keys_exact,
+                  _sample_of(sampler), stream.facts(server.persistence))
+
+
+def _sample_of(sampler: KeySampler) -> list[str]:
+    """The manifest's key sample (rdb_keys): digests of the first keys of each db."""
+    if sampler.stopped:
+        log.info("key_sample_partial", keys=len(sampler.keys), why=sampler.stopped)
+    return [f"{k.db}:{k.type}:{k.digest}" for k in sampler.keys]
+
+
+def _artifact_name(backup_id: str, config: Config) -> str:
+    return mf.artifact_name(backup_id, config.backup.compression,
+                            bool(config.backup.age_recipients))
+
+
 def _pack_snapshot(snap: source.LiveSnapshot, dest: Path, config: Config,
                    follower: Follower | None) -> tuple[PackResult, list[str]]:
     """pack() the snapshot while Redis writes it; once more from the finished dump file when
@@ -190,9 +266,7 @@ def _pack_snapshot(snap: source.LiveSnapshot, dest: Path, config: Config,
                           level=config.backup.compression_level,
                           recipients=config.backup.age_recipients, follower=follower,
                           observe=sampler)
-            if sampler.stopped:
-                log.info("key_sample_partial", keys=len(sampler.keys), why=sampler.stopped)
-            return packed, [f"{k.db}:{k.type}:{k.digest}" for k in sampler.keys]
+            return packed, _sample_of(sampler)
         except (source.FollowLost, IntegrityError) as exc:
             if not snap.rewind():
                 raise
@@ -204,7 +278,8 @@ class _CheckpointReader:
     """The snapshot, read through the crash-test stages when a test asked for them
     (backupd.checkpoints): copy after 1 MiB, compress after half, encrypt at the end."""
 
-    def __init__(self, snap: source.LiveSnapshot, config: Config) -> None:
+    def __init__(self, snap: source.LiveSnapshot | replication.ReplicationStream,
+                 config: Config) -> None:
         self._snap = snap
         self._seen = 0
         self._reached: set[str] = set()

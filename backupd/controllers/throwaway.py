@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -43,20 +44,40 @@ def server_identity(binary: str) -> ServerId:
     return found
 
 
+@dataclass(frozen=True)
+class Listen:
+    """A TCP listener for a throwaway server that another server must reach (replicaof)."""
+
+    host: str
+    port: int
+    password: str = field(repr=False)
+
+
 @contextlib.contextmanager
-def throwaway_server(binary: str, rdb: Path, timeout: float) -> Iterator[redis.Redis]:
+def throwaway_server(binary: str, rdb: Path, timeout: float,
+                     listen: Listen | None = None) -> Iterator[redis.Redis]:
     """Start `binary` on `rdb` (its directory is the server's dir), yield a client once the
-    data is loaded, and always stop the server and remove the socket dir."""
+    data is loaded, and always stop the server and remove the socket dir. With `listen`, it
+    also listens there, password-protected (the password goes in on stdin, not argv)."""
     with tempfile.TemporaryDirectory(prefix="backupd-drill-") as sock_dir:
         sock = str(Path(sock_dir) / "redis.sock")
         log_file = rdb.parent / "redis-drill.log"
-        argv = [binary, "--port", "0", "--unixsocket", sock, "--unixsocketperm", "700",
+        tcp = ["--port", str(listen.port), "--bind", listen.host,
+               "--repl-diskless-sync-delay", "0"] if listen else ["--port", "0"]
+        argv = [binary, *(["-"] if listen else []), *tcp, "--unixsocket", sock,
+                "--unixsocketperm", "700",
                 "--dir", str(rdb.parent), "--dbfilename", rdb.name, "--save", "",
                 "--appendonly", "no", "--daemonize", "no", "--logfile", str(log_file)]
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if listen else subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if listen is not None and proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.write(f"requirepass {listen.password}\n".encode())
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        password = listen.password if listen else None
         client = redis.Redis(unix_socket_path=sock, decode_responses=True, protocol=2,
-                             socket_timeout=30)
+                             socket_timeout=30, password=password)
         try:
             _wait_loaded(proc, client, log_file, timeout)
             yield client

@@ -146,6 +146,10 @@ def _context(config: Config, opts: Options, ui: Ui, env: Mapping[str, str] | Non
 def restore(config: Config, opts: Options, ui: Ui,
             env: Mapping[str, str] | None = None) -> int:
     """Run `backupd restore`; returns the exit code (0), raises BackupdError otherwise."""
+    if (opts.method or config.restore.method) == "replicaof":
+        from backupd.actions.restore.live import restore_live
+
+        return restore_live(config, opts, ui, env)
     require_confirmation_possible(opts.yes, opts.dry_run, ui)
     ctx = _context(config, opts, ui, env)
     lock: contextlib.AbstractContextManager[None] = (
