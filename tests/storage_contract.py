@@ -136,7 +136,7 @@ def test_names_that_are_not_ours_are_never_listed_nor_deleted(backend: Backend,
                                                               tmp_path: Path) -> None:
     path, man = make_backup(tmp_path)
     backend.storage.put(path, man)
-    foreign = {"README", "notes.json", f"{man.id[:-1]}.json", f"{man.id.upper()}.rdb",
+    foreign = {"README", "notes.json", f"{man.id[:-1]}.json", f"{man.id[:-6]}ABCDEF.rdb",
                f"x{man.id}.rdb.zst"}
     for name in foreign:
         backend.place(name, b"not ours")
