@@ -145,8 +145,14 @@ def put_back(run: Run) -> bool:
     for name, existed in run.journal.entries.items():
         current, saved = run.data_dir / name, run.pre_dir / name
         if os.path.lexists(saved):
-            remove_tree(current)
-            os.rename(saved, current)
+            if os.path.isdir(saved) or (os.path.isdir(current) and not os.path.islink(current)):
+                remove_tree(current)
+                os.rename(saved, current)
+            else:
+                # One rename over the restored file: a Redis that a restart policy starts right
+                # now (a crash loop) finds one complete file or the other, never none (it would
+                # come up empty and stay up).
+                os.replace(saved, current)
             changed = True
         elif not existed and after_swap and os.path.lexists(current):
             remove_tree(current)  # restored (or written from restored data): not Redis's own
