@@ -28,8 +28,9 @@ from backupd.actions.restore.staging import fetch_and_check, identities_for, sel
 from backupd.config import Config
 from backupd.controllers.throwaway import Listen, server_identity, throwaway_server
 from backupd.errors import BackupdError, RestoreError
+from backupd.fsio import atomic_file, write_all
 from backupd.replication import ReplicationStream
-from backupd.streams import copy_stream
+from backupd.streams import CHUNK
 
 log = structlog.get_logger("backupd.restore.live")
 
@@ -51,7 +52,7 @@ def restore_live(config: Config, opts: Options, ui: Ui,
             staged, safety = Path(tmp) / "staged" / "dump.rdb", Path(tmp) / "safety" / "dump.rdb"
             staged.parent.mkdir(mode=0o700)
             safety.parent.mkdir(mode=0o700)
-            with open(staged, "wb") as fh:
+            with atomic_file(staged) as fh:  # 0600: it holds all the data
                 fetch_and_check(selected, fh, identities, ui.progress)
             if opts.dry_run:
                 ui.echo(f"would restore backup {selected.manifest.id} into {endpoint.where} "
@@ -107,8 +108,9 @@ def _preflight(target: redis.Redis, cfg: Any, binary: str, rdb_version: int) -> 
 def _safety_snapshot(endpoint: Any, dest: Path) -> None:
     stream = ReplicationStream(endpoint)
     try:
-        with open(dest, "wb") as fh:
-            copy_stream(stream, fh)
+        with atomic_file(dest) as fh:  # 0600: it holds all the data
+            while chunk := stream.read(CHUNK):
+                write_all(fh, chunk)
     finally:
         stream.close()
 
