@@ -18,6 +18,7 @@ import structlog
 
 from backupd import __version__, logs
 from backupd import config as config_mod
+from backupd.choices import ALL_LOCATIONS, Location, RestoreMethod, values
 from backupd.errors import EXIT_FAILED, EXIT_INTEGRITY, BackupdError
 from backupd.runtime import keep_buffers
 
@@ -110,7 +111,7 @@ def backup(state: State, tag: str, no_prune: bool) -> None:
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.option("--dry-run", is_flag=True, help="Show what would be deleted; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@click.option("--location", type=click.Choice(["local", "s3", "all"]), default="all",
+@click.option("--location", type=click.Choice([*values(Location), ALL_LOCATIONS]), default="all",
               show_default=True)
 @click.option("--orphans", is_flag=True,
               help="Also delete leftovers without a manifest older than a day.")
@@ -182,7 +183,7 @@ def upload(state: State, pending: bool) -> None:
 
 @cli.command(name="list", epilog=EXIT_CODES_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-@click.option("--location", type=click.Choice(["local", "s3", "all"]), default="all",
+@click.option("--location", type=click.Choice([*values(Location), ALL_LOCATIONS]), default="all",
               show_default=True)
 @pass_state
 @handle_errors
@@ -226,7 +227,7 @@ def _size(n: int) -> str:
 @click.option("--deep", is_flag=True, help="Also run redis-check-rdb on the RDB.")
 @click.option("--identity-file", type=click.Path(dir_okay=False),
               help="age identity file, to decrypt and check encrypted backups fully.")
-@click.option("--location", type=click.Choice(["local", "s3", "all"]), default="local",
+@click.option("--location", type=click.Choice([*values(Location), ALL_LOCATIONS]), default="local",
               show_default=True)
 @click.option("--drill", is_flag=True,
               help="Load the backup into a throwaway redis-server and check its key count.")
@@ -283,11 +284,7 @@ def config_group() -> None:
 @handle_errors
 def config_check(state: State, check_remote: bool) -> None:
     """Validate the configuration and print it, secrets shown as ***."""
-    from backupd import notify, schedule
-
-    cfg = state.config()
-    schedule.plan(cfg)
-    notify.validate(cfg.notify)
+    cfg = state.config()  # config.load ran every check
     effective = config_mod.effective(cfg)
     password = config_mod.redis_password(cfg.redis)
     effective["redis"]["password"] = "***" if password else "(not set)"
@@ -362,7 +359,7 @@ def health_cmd(state: State) -> None:
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("backup_id", metavar="[ID|latest]", required=False, default="latest")
-@click.option("--from", "from_", type=click.Choice(["local", "s3"]), default=None,
+@click.option("--from", "from_", type=click.Choice(values(Location)), default=None,
               help="Where to read the backup (default: local if it is there, else s3).")
 @click.option("--before", metavar="TIMESTAMP",
               help="The newest backup at or before this time, e.g. 2026-01-02T03:00:00Z.")
@@ -371,7 +368,7 @@ def health_cmd(state: State) -> None:
 @click.option("--dry-run", is_flag=True,
               help="Download and check everything, print the plan, change nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-@click.option("--method", type=click.Choice(["docker", "command", "shutdown", "replicaof"]),
+@click.option("--method", type=click.Choice(values(RestoreMethod)),
               default=None,
               help="How to stop and start Redis (default: restore.method).")
 @click.option("--start", is_flag=True,
@@ -457,7 +454,7 @@ def restore(state: State, backup_id: str, from_: str | None, before: str | None,
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--identity-file", type=click.Path(dir_okay=False),
               help="age identity file, to decrypt encrypted backups.")
-@click.option("--from", "from_", type=click.Choice(["local", "s3"]), default=None,
+@click.option("--from", "from_", type=click.Choice(values(Location)), default=None,
               help="Where to read the backups (default: local if there, else s3).")
 @pass_state
 @handle_errors
@@ -480,7 +477,7 @@ def diff(state: State, a: str, b: str, patterns: tuple[str, ...], db: int | None
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--identity-file", type=click.Path(dir_okay=False),
               help="age identity file, to decrypt an encrypted backup.")
-@click.option("--from", "from_", type=click.Choice(["local", "s3"]), default=None,
+@click.option("--from", "from_", type=click.Choice(values(Location)), default=None,
               help="Where to read the backup (default: local if there, else s3).")
 @pass_state
 @handle_errors

@@ -1,8 +1,9 @@
 """Configuration: a TOML file plus `BACKUPD_<SECTION>__<KEY>` environment overrides.
 
 Every section is a frozen dataclass; the loader walks the dataclass fields, so the schema, the
-defaults and the validation live in one place. Every error names the file, the key and what was
-expected, and is raised as ConfigError (exit code 2), never as a traceback.
+defaults and the type checks live in one place, and `config_checks` holds the checks that span
+values. Every error names the file, the key and what was expected; all of them are raised
+together as one ConfigError (exit code 2), never as a traceback.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from backupd.choices import Checksum, Compression, RestoreMethod
+from backupd.choices import values as choice_values
 from backupd.errors import ConfigError
 
 ENV_PREFIX = "BACKUPD_"
@@ -113,7 +118,7 @@ class RedisConfig:
 @dataclass(frozen=True)
 class BackupConfig:
     dir: str = "/backups"
-    compression: str = _choice("zstd", "zstd", "gzip", "none")
+    compression: Compression = Compression.ZSTD
     compression_level: int = 3
     age_recipients: list[str] = _strings()
     niceness: int = 10
@@ -144,7 +149,7 @@ class S3Config:
     sse_kms_key_id: str = ""
     object_lock_days: int = 0
     object_lock_mode: str = _choice("GOVERNANCE", "GOVERNANCE", "COMPLIANCE")
-    checksum: str = _choice("sha256", "sha256", "crc32", "none")
+    checksum: Checksum = Checksum.SHA256
     keep_local: bool = True
     connect_timeout: float = _duration("10s")
     read_timeout: float = _duration("60s")
@@ -158,7 +163,7 @@ class S3Config:
 
 @dataclass(frozen=True)
 class RestoreConfig:
-    method: str = _choice("shutdown", "docker", "command", "shutdown", "replicaof")
+    method: RestoreMethod = RestoreMethod.SHUTDOWN
     replicaof_announce_host: str = "127.0.0.1"
     docker_url: str = "unix:///var/run/docker.sock"
     docker_container: str = ""
@@ -235,13 +240,25 @@ class Config:
     source: str = field(default="(defaults)", metadata={"internal": True})
 
 
+Problem = tuple[str, str]  # (the key it names, the operator's sentence)
+
+
 class _Invalid(Exception):
     """A value has the wrong type or form; carries what is expected."""
 
 
-def _coerce(f: dataclasses.Field[Any], value: Any, from_env: bool) -> Any:
+_TYPES: dict[type[Any], dict[str, Any]] = {}
+
+
+def _types(cls: type[Any]) -> dict[str, Any]:
+    """The fields' types, resolved (the annotations are strings under `from __future__`)."""
+    if cls not in _TYPES:
+        _TYPES[cls] = typing.get_type_hints(cls)
+    return _TYPES[cls]
+
+
+def _coerce(f: dataclasses.Field[Any], annotation: Any, value: Any, from_env: bool) -> Any:
     kind = f.metadata.get("kind")
-    annotation = str(f.type)
     if kind == "duration":
         if isinstance(value, int | float) and not isinstance(value, bool) and not from_env:
             if not 0 <= value <= MAX_DURATION:  # also TOML's nan and inf
@@ -262,7 +279,7 @@ def _coerce(f: dataclasses.Field[Any], value: Any, from_env: bool) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise _Invalid("a list of strings")
         return list(value)
-    if annotation == "bool":
+    if annotation is bool:
         if from_env and isinstance(value, str):
             lowered = value.strip().lower()
             if lowered in ("1", "true", "yes", "on"):
@@ -272,7 +289,7 @@ def _coerce(f: dataclasses.Field[Any], value: Any, from_env: bool) -> Any:
         if not isinstance(value, bool):
             raise _Invalid("true or false")
         return value
-    if annotation == "int":
+    if annotation is int:
         if from_env and isinstance(value, str):
             try:
                 value = int(value.strip())
@@ -281,7 +298,13 @@ def _coerce(f: dataclasses.Field[Any], value: Any, from_env: bool) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _Invalid("an integer")
         return value
-    if annotation == "str":
+    if isinstance(annotation, type) and issubclass(annotation, StrEnum):
+        if not isinstance(value, str):
+            raise _Invalid("a string")
+        if value not in choice_values(annotation):
+            raise _Invalid("one of " + ", ".join(repr(c) for c in choice_values(annotation)))
+        return annotation(value)
+    if annotation is str:
         if not isinstance(value, str):
             raise _Invalid("a string")
         choices = f.metadata.get("choices")
@@ -304,22 +327,23 @@ def _env_list(text: str) -> list[str]:
 
 
 def _build(cls: type[Any], data: Mapping[str, Any], env: Mapping[str, str], path: str,
-           origin: str) -> Any:
+           origin: str, problems: list[Problem]) -> Any:
+    """The section `cls` from `data` and `env`; a value in error is reported in `problems` and
+    left at its default, so that every other key is still read and checked."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{origin}: [{path}] must be a table")
+        problems.append((path, f"{origin}: [{path}] must be a table"))
+        data = {}
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
+    for name in sorted(set(data) - set(fields)):
         where = f"[{path}]" if path else "the top level"
-        raise ConfigError(
-            f"{origin}: unknown key {_dotted(path, unknown[0])!r} in {where} "
-            f"(known keys: {', '.join(sorted(fields))})"
-        )
+        problems.append((_dotted(path, name), f"{origin}: unknown key {_dotted(path, name)!r} "
+                         f"in {where} (known keys: {', '.join(sorted(fields))})"))
     values: dict[str, Any] = {}
     for name, f in fields.items():
         dotted = _dotted(path, name)
         if isinstance(f.default_factory, type):  # a nested section
-            values[name] = _build(f.default_factory, data.get(name, {}), env, dotted, origin)
+            values[name] = _build(f.default_factory, data.get(name, {}), env, dotted, origin,
+                                  problems)
             continue
         env_name = ENV_PREFIX + dotted.upper().replace(".", "__")
         if env_name in env:
@@ -329,10 +353,10 @@ def _build(cls: type[Any], data: Mapping[str, Any], env: Mapping[str, str], path
         else:
             continue
         try:
-            values[name] = _coerce(f, raw, from_env)
+            values[name] = _coerce(f, _types(cls)[name], raw, from_env)
         except _Invalid as exc:
-            raise ConfigError(f"{source}: key {dotted!r}: expected {exc}, got {_show(f, raw)}") \
-                from None
+            problems.append((dotted, f"{source}: key {dotted!r}: expected {exc}, "
+                             f"got {_show(f, raw)}"))
     return cls(**values)
 
 
@@ -346,7 +370,8 @@ def _show(f: dataclasses.Field[Any], raw: Any) -> str:
 
 def load(path: str | os.PathLike[str] | None = None,
          env: Mapping[str, str] | None = None) -> Config:
-    """Load and validate the configuration; raises ConfigError naming the bad key."""
+    """Load and validate the configuration: one ConfigError listing every problem found (the
+    file's, the environment's and `config_checks`'), each naming its key."""
     env = os.environ if env is None else env
     if path is None and env.get(CONFIG_ENV):
         path = env[CONFIG_ENV]
@@ -365,11 +390,19 @@ def load(path: str | os.PathLike[str] | None = None,
             raise ConfigError(f"config file {origin} is not valid TOML: {exc}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config file {origin} is not UTF-8 text") from None
-    _check_env_names(env)
-    config: Config = _build(Config, data, env, "", origin)
+    from backupd import config_checks  # it imports this module's sections
+
+    problems = list(_unknown_env_names(env))
+    config: Config = _build(Config, data, env, "", origin, problems)
     config = dataclasses.replace(config, source=origin)
-    _validate(config, origin)
-    _check_exclusive(config.redis, data, env, origin)
+    reported = {key for key, _ in problems}  # left at a default: its checks would mislead
+    problems += [problem for problem in config_checks.iter_errors(config, data, env, origin)
+                 if problem[0] not in reported]
+    if len(problems) == 1:
+        raise ConfigError(problems[0][1])
+    if problems:
+        raise ConfigError(f"{len(problems)} configuration errors: "
+                          + "; ".join(message for _, message in problems))
     return config
 
 
@@ -387,7 +420,7 @@ def _env_names(cls: type[Any], path: str = "") -> dict[str, str]:
     return names
 
 
-def _check_env_names(env: Mapping[str, str]) -> None:
+def _unknown_env_names(env: Mapping[str, str]) -> Iterator[Problem]:
     """An override with a typo is an error, as the same typo in the file is: a variable that
     looks like one (`BACKUPD_<SECTION>__...` or `BACKUPD_<SECTION>_...`) must name a key."""
     known = _env_names(Config)
@@ -400,118 +433,8 @@ def _check_env_names(env: Mapping[str, str]) -> None:
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
             hint = (f"did you mean {close[0]} (key {known[close[0]]!r})?" if close
                     else "see config.example.toml for the keys")
-            raise ConfigError(f"environment variable {name} is not a configuration key; "
-                              f"{hint} (overrides are BACKUPD_<SECTION>__<KEY>)")
-
-
-def _validate(config: Config, origin: str) -> None:
-    """Checks that span values: ranges, paths and combinations."""
-    def bad(key: str, expected: str, got: Any) -> ConfigError:
-        return ConfigError(f"{origin}: key {key!r}: expected {expected}, got {got!r}")
-
-    r = config.redis
-    if not 1 <= r.port <= 65535:
-        raise bad("redis.port", "a port number from 1 to 65535", r.port)
-    if not r.data_dir and r.source == "volume":
-        raise bad("redis.data_dir", "the path of the Redis data volume in this container", "")
-    for key, seconds in (("redis.save_timeout", r.save_timeout),
-                         ("redis.connect_timeout", r.connect_timeout),
-                         ("redis.read_timeout", r.read_timeout)):
-        if seconds <= 0:
-            raise bad(key, "a duration > 0", format_duration(seconds))
-    _validate_redis_target(r, origin)
-    b = config.backup
-    if not b.dir:
-        raise bad("backup.dir", "a directory path", "")
-    backup_dir, data_dir = Path(b.dir).resolve(), Path(r.data_dir).resolve()
-    if r.source == "volume" and (backup_dir == data_dir or data_dir in backup_dir.parents):
-        raise ConfigError(
-            f"{origin}: key 'backup.dir': {b.dir!r} is inside redis.data_dir {r.data_dir!r}; "
-            "backups must live on another volume (a full data volume makes Redis refuse writes)"
-        )
-    levels = {"zstd": (1, 22), "gzip": (1, 9), "none": (0, 22)}[b.compression]
-    if not levels[0] <= b.compression_level <= levels[1]:
-        raise bad("backup.compression_level",
-                  f"{levels[0]}..{levels[1]} for {b.compression}", b.compression_level)
-    if not 0 <= b.niceness <= 19:
-        raise bad("backup.niceness", "0..19", b.niceness)
-    for recipient in b.age_recipients:
-        _check_recipient(recipient, origin)
-    for section, retention in (("retention", config.retention),
-                               ("s3.retention", config.s3.retention)):
-        for f in dataclasses.fields(retention):
-            value = getattr(retention, f.name)
-            if isinstance(value, int) and value < 0:
-                raise bad(f"{section}.{f.name}", "a number >= 0", value)
-    s3 = config.s3
-    if s3.enabled:
-        if not s3.prefix or not s3.prefix.endswith("/") or s3.prefix.startswith("/"):
-            raise bad("s3.prefix", "a non-empty prefix ending with '/' (e.g. 'redis/prod/') "
-                      "when s3.bucket is set, so that retention only touches backupd's objects",
-                      s3.prefix)
-        if s3.max_attempts < 1:
-            raise bad("s3.max_attempts", "a number of attempts >= 1", s3.max_attempts)
-        if not 0 <= s3.object_lock_days <= MAX_LOCK_DAYS:
-            raise bad("s3.object_lock_days", f"a number of days from 0 to {MAX_LOCK_DAYS}",
-                      s3.object_lock_days)
-    m = config.metrics
-    if m.listen:
-        parse_listen(m.listen, origin)
-    s = config.schedule
-    if s.every is not None and s.every <= 0:
-        raise bad("schedule.every", "a duration > 0", format_duration(s.every))
-
-
-def _validate_redis_target(r: RedisConfig, origin: str) -> None:
-    """How Redis is reached: TLS files need TLS; a socket excludes host/port (checked in
-    load(), which knows what was given); Sentinel needs a master name and host:port pairs."""
-    if not r.tls:
-        for key in ("tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name"):
-            if getattr(r, key):
-                raise ConfigError(f"{origin}: key 'redis.{key}' is set, but 'redis.tls' is "
-                                  "false: set redis.tls = true to use TLS")
-    if bool(r.tls_cert_file) != bool(r.tls_key_file):
-        raise ConfigError(f"{origin}: keys 'redis.tls_cert_file' and 'redis.tls_key_file' go "
-                          "together (a client certificate and its private key)")
-    if r.socket and not r.socket.startswith("/"):
-        raise ConfigError(f"{origin}: key 'redis.socket': expected an absolute path such as "
-                          f"'/run/redis/redis.sock', got {r.socket!r}")
-    if r.socket and r.tls:
-        raise ConfigError(f"{origin}: keys 'redis.socket' and 'redis.tls' exclude each other "
-                          "(TLS is for TCP connections)")
-    s = r.sentinel
-    if s.enabled:
-        if not s.master_name:
-            raise ConfigError(f"{origin}: key 'redis.sentinel.master_name': expected the "
-                              "master's name in Sentinel (e.g. 'mymaster') when "
-                              "redis.sentinel.hosts is set")
-        for host in s.hosts:
-            parse_host_port(host, "redis.sentinel.hosts", origin)
-        if r.socket:
-            raise ConfigError(f"{origin}: keys 'redis.socket' and 'redis.sentinel.hosts' "
-                              "exclude each other (Sentinel gives TCP addresses)")
-    elif r.prefer == "replica":
-        raise ConfigError(f"{origin}: key 'redis.prefer' = 'replica' needs "
-                          "redis.sentinel.hosts (the sentinels know the replicas)")
-    if s.tls and not r.tls:
-        raise ConfigError(f"{origin}: key 'redis.sentinel.tls' = true needs redis.tls = true "
-                          "(the sentinels use the redis.tls_* files)")
-
-
-def _check_exclusive(r: RedisConfig, data: Mapping[str, Any], env: Mapping[str, str],
-                     origin: str) -> None:
-    """`redis.socket` or `redis.sentinel.hosts` replace host/port: both given is an error."""
-    table = data.get("redis", {})
-    table = table if isinstance(table, Mapping) else {}
-    given = [k for k in ("host", "port") if k in table or f"{ENV_PREFIX}REDIS__{k.upper()}" in env]
-    if not given:
-        return
-    if r.socket:
-        raise ConfigError(f"{origin}: keys 'redis.socket' and 'redis.{given[0]}' exclude "
-                          "each other: a unix socket or host/port, not both")
-    if r.sentinel.enabled:
-        raise ConfigError(f"{origin}: keys 'redis.sentinel.hosts' and 'redis.{given[0]}' "
-                          "exclude each other: under Sentinel the sentinels name the server")
+            yield name, (f"environment variable {name} is not a configuration key; "
+                         f"{hint} (overrides are BACKUPD_<SECTION>__<KEY>)")
 
 
 def parse_host_port(text: str, key: str, origin: str = "config") -> tuple[str, int]:
@@ -529,18 +452,6 @@ def parse_listen(listen: str, origin: str = "config") -> tuple[str, int]:
         raise ConfigError(f"{origin}: key 'metrics.listen': expected HOST:PORT such as "
                           f"'0.0.0.0:9721', got {listen!r}")
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - a sidecar port
-
-
-def _check_recipient(recipient: str, origin: str) -> None:
-    import pyrage
-
-    try:
-        pyrage.x25519.Recipient.from_str(recipient)
-    except Exception:  # pyrage raises its own error types for every parse failure
-        raise ConfigError(
-            f"{origin}: key 'backup.age_recipients': expected age public keys (age1...), "
-            f"got {recipient[:12]!r}..."
-        ) from None
 
 
 def redis_password(config: RedisConfig | SentinelConfig,

@@ -58,12 +58,12 @@ ABANDON_ABORT_S = 3.0  # at most this long aborting an open S3 upload before exi
 
 
 def run_daemon(config: Config, metrics: Metrics = METRICS) -> None:
-    """Validate, start, run until SIGTERM/SIGINT; returns normally (exit 0) after a clean stop.
+    """Start, run until SIGTERM/SIGINT; returns normally (exit 0) after a clean stop.
 
-    Raises ConfigError (exit 2) for a bad [schedule] or [notify] before anything starts.
+    `config.load` has checked [schedule] and [notify]; a Config built otherwise still gets a
+    ConfigError (exit 2) for a bad [schedule] here, before anything starts.
     """
     plan = schedule.plan(config)
-    notify.validate(config.notify)
     Daemon(config, plan, metrics).run()
 
 

@@ -24,27 +24,9 @@ import structlog
 
 from backupd import __version__, logs
 from backupd.config import NotifyConfig
-from backupd.errors import ConfigError
 
 log = structlog.get_logger("backupd.notify")
 USER_AGENT = f"backupd/{__version__}"
-
-
-def validate(cfg: NotifyConfig) -> None:
-    """Only http(s) URLs: urllib would also open file:// and ftp://. Never echoes the URL."""
-    for key, url in (("notify.webhook_url", cfg.webhook_url),
-                     ("notify.healthchecks_url", cfg.healthchecks_url)):
-        if not url:
-            continue
-        try:
-            parts = urllib.parse.urlsplit(url)
-            valid = parts.scheme in ("http", "https") and bool(parts.hostname)
-        except ValueError:  # e.g. an unclosed '[' of an IPv6 host
-            valid = False
-        if not valid:
-            raise ConfigError(f"key {key!r}: expected an http:// or https:// URL, got '***'")
-    if cfg.timeout <= 0:
-        raise ConfigError("key 'notify.timeout': expected a duration > 0 such as '10s'")
 
 
 def redact(url: str) -> str:

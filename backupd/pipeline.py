@@ -35,6 +35,7 @@ import pyrage
 import zstandard
 
 from backupd import zstd_frames
+from backupd.choices import Compression
 from backupd.codecs import ZlibReader, ZlibWriter, through_pyrage
 from backupd.errors import IntegrityError, StorageError
 from backupd.fsio import FileSink, atomic_file
@@ -194,7 +195,7 @@ def compress_reader(source: Readable, compression: str, level: int,
     both cores; the file is still one standard .zst. With `raw_digest` (the source's digest,
     asked for once the source has ended), its size and SHA-256 end the artifact
     (_RecordedDigest)."""
-    if compression == "zstd":
+    if compression == Compression.ZSTD:
         workers = 2 if (os.cpu_count() or 1) > 1 else 1
 
         def trailer() -> tuple[int, bytes]:
@@ -204,7 +205,7 @@ def compress_reader(source: Readable, compression: str, level: int,
 
         return FramedCompressor(source, level, workers=workers,
                                 trailer=trailer if raw_digest is not None else None)
-    if compression == "gzip":
+    if compression == Compression.GZIP:
         return ZlibReader(source, level)
     return source
 
@@ -220,7 +221,7 @@ def pack(source: Readable, dest: Path, *, compression: str, level: int,
     """
     raw, stored, checker = Digester(), Digester(), RdbChecker()
     checks = (raw, checker.update) if observe is None else (raw, checker.update, observe)
-    plain = compression == "none" and not recipients  # stored bytes == raw bytes: hash once
+    plain = compression == Compression.NONE and not recipients  # stored == raw: hash once
     try:
         with atomic_file(dest, readable=follower is not None) as fh:  # the follower reads it
             if follower is not None:
@@ -292,7 +293,7 @@ def unpack(source: Readable, sink: Writable | None, *, compression: str, encrypt
         with contextlib.ExitStack() as stages:  # closing it waits for every stage to finish
             if not encrypted:
                 outputs = [stages.enter_context(_Stage(output)) for output in outputs]
-            if compression == "zstd" and not encrypted:
+            if compression == Compression.ZSTD and not encrypted:
                 hash_stored = stages.enter_context(_Stage(stored))
 
                 def next_chunk() -> bytes:
@@ -328,10 +329,10 @@ def _decode_stream(source: Readable, outputs: list[Observer], stages: contextlib
     writer: Writable = raw_writer
     zstd_writer: Any = None
     zlib_writer: ZlibWriter | None = None
-    if compression == "zstd":
+    if compression == Compression.ZSTD:
         writer = zstd_writer = zstandard.ZstdDecompressor().stream_writer(
             raw_writer, write_size=CHUNK, closefd=False)  # type: ignore[arg-type]
-    elif compression == "gzip":
+    elif compression == Compression.GZIP:
         writer = zlib_writer = ZlibWriter(raw_writer)
     if encrypted:
         observed = ObservedReader(source, stored)  # hashed in READ_SIZE chunks,

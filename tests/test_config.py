@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,55 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
         return True
 
     assert sorted(k for k in keys(cfg) if not present(k)) == []
+
+
+def test_every_error_is_reported_at_once_each_naming_its_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "[redis]\nport = 70000\nhots = 'x'\n"
+                           "[backup]\ncompression = 'lz4'\n"
+                           "[s3]\nbucket = 'b'\nprefix = 'redis'\n"
+                           "[schedule]\ncron = '61 * * * *'\n"
+                           "[notify]\nwebhook_url = 'file:///etc/passwd'\n")
+    with pytest.raises(ConfigError) as info:
+        config_mod.load(path, env={"BACKUPD_REDIS__TLS": "maybe"})
+    message = str(info.value)
+    assert message.startswith("7 configuration errors: ")
+    for key in ("redis.port", "redis.hots", "backup.compression", "s3.prefix", "schedule.cron",
+                "notify.webhook_url", "BACKUPD_REDIS__TLS"):
+        assert key in message
+    assert "/etc/passwd" not in message
+    assert info.value.exit_code == 2
+
+
+def test_a_value_in_error_is_not_checked_again_at_its_default(tmp_path: Path) -> None:
+    # s3.prefix = 5 is left at its default "": its own check would add a second, wrong error.
+    path = write(tmp_path, "[s3]\nbucket = 'b'\nprefix = 5\n")
+    with pytest.raises(ConfigError) as info:
+        config_mod.load(path, env={})
+    assert "configuration errors" not in str(info.value)
+    assert "key 's3.prefix': expected a string, got 5" in str(info.value)
+
+
+def test_choices_are_enums_shown_as_their_values(tmp_path: Path) -> None:
+    from backupd.choices import Checksum, Compression, RestoreMethod
+
+    path = write(tmp_path, "[backup]\ncompression = 'gzip'\ncompression_level = 6\n"
+                           "[s3]\nchecksum = 'crc32'\n[restore]\nmethod = 'replicaof'\n")
+    cfg = config_mod.load(path, env={})
+    assert cfg.backup.compression is Compression.GZIP
+    assert cfg.s3.checksum is Checksum.CRC32 and cfg.restore.method is RestoreMethod.REPLICAOF
+    effective = config_mod.effective(cfg)
+    assert json.dumps(effective["backup"]["compression"]) == '"gzip"'
+    with pytest.raises(ConfigError, match="one of 'docker', 'command', 'shutdown', 'replicaof'"):
+        config_mod.load(write(tmp_path, "[restore]\nmethod = 'ssh'\n"), env={})
+    with pytest.raises(ConfigError, match="key 'backup.compression': expected a string"):
+        config_mod.load(write(tmp_path, "[backup]\ncompression = 1\n"), env={})
+
+
+def test_notify_and_s3_endpoint_urls_need_a_valid_port() -> None:
+    with pytest.raises(ConfigError, match="notify.healthchecks_url"):
+        config_mod.load(None, env={"BACKUPD_NOTIFY__HEALTHCHECKS_URL": "https://hc:port/x"})
+    env = {"BACKUPD_S3__BUCKET": "b", "BACKUPD_S3__PREFIX": "p/",
+           "BACKUPD_S3__ENDPOINT_URL": "https://s3:99999"}
+    with pytest.raises(ConfigError, match="s3.endpoint_url"):
+        config_mod.load(None, env=env)
+    assert config_mod.load(None, env={**env, "BACKUPD_S3__ENDPOINT_URL": "https://s3:9000"})

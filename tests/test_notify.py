@@ -10,9 +10,10 @@ import pytest
 import structlog
 
 from backupd import logs
+from backupd import config as config_mod
 from backupd.config import NotifyConfig
 from backupd.errors import ConfigError
-from backupd.notify import Notifier, RunReport, redact, validate
+from backupd.notify import Notifier, RunReport, redact
 from tests.conftest import PASSWORD, free_port
 from tests.httpcapture import CaptureServer
 
@@ -108,7 +109,7 @@ def test_error_status_and_silent_server_fail_within_the_timeout() -> None:
 ])
 def test_only_http_urls_are_accepted_and_never_echoed(key: str, url: str) -> None:
     with pytest.raises(ConfigError, match=f"notify.{key}") as info:
-        validate(NotifyConfig(**{key: url}))  # type: ignore[arg-type]
+        config_mod.load(None, env={f"BACKUPD_NOTIFY__{key.upper()}": url})
     assert TOKEN not in str(info.value)
 
 

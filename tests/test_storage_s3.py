@@ -23,6 +23,7 @@ from botocore.stub import Stubber
 from moto import mock_aws
 from moto.server import ThreadedMotoServer
 
+from backupd import config as config_mod
 from backupd import manifest as mf
 from backupd.config import S3Config
 from backupd.errors import ConfigError, IntegrityError, StorageError, UsageError
@@ -158,10 +159,16 @@ def test_make_client_without_endpoint_uses_aws(aws_env: None) -> None:
     assert "amazonaws.com" in client.meta.endpoint_url
 
 
-def test_make_client_half_credentials_is_a_config_error() -> None:
+def s3_env(**keys: str) -> dict[str, str]:
+    """The environment of a config with [s3] set to `keys` (bucket and prefix given)."""
+    values = {"bucket": BUCKET, "prefix": PREFIX, **keys}
+    return {f"BACKUPD_S3__{key.upper()}": value for key, value in values.items()}
+
+
+def test_half_credentials_are_a_config_error() -> None:
+    env = s3_env(access_key_id_env="MY_KEY", secret_access_key_env="MY_SECRET")
     with pytest.raises(ConfigError, match="MY_KEY is set but MY_SECRET is not") as err:
-        make_client(cfg(access_key_id_env="MY_KEY", secret_access_key_env="MY_SECRET"),
-                    {"MY_KEY": "AKIAHALF"})
+        config_mod.load(None, env={**env, "MY_KEY": "AKIAHALF"})
     assert "AKIAHALF" not in str(err.value)
 
 
@@ -617,7 +624,7 @@ def test_endpoint_userinfo_never_appears(aws_env: None, fast_retries: None) -> N
 def test_bad_endpoint_url_is_a_config_error(url: str) -> None:
     # An unencoded '/' in the userinfo makes the URL unparsable: still no secret in the error.
     with pytest.raises(ConfigError, match=r"s3\.endpoint_url") as err:
-        make_client(cfg(endpoint_url=url), ENV)
+        config_mod.load(None, env=s3_env(endpoint_url=url))
     assert SECRET.split("/")[0] not in str(err.value)
 
 

@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from backupd import manifest as mf
+from backupd.choices import ALL_LOCATIONS, Location
 from backupd.config import Config
 from backupd.errors import IntegrityError, StorageError, UsageError
 from backupd.manifest import Manifest
 from backupd.storage.base import Listing, Storage
 from backupd.storage.local import LocalStorage
 
-LOCATIONS = ("local", "s3", "all")
+LOCATIONS = (*Location, ALL_LOCATIONS)
 
 
 def storages(config: Config, location: str = "all",
@@ -23,13 +24,13 @@ def storages(config: Config, location: str = "all",
     if location not in LOCATIONS:
         raise UsageError(f"unknown location {location!r} (expected local, s3 or all)")
     chosen: list[Storage] = []
-    if location in ("local", "all"):
+    if location in (Location.LOCAL, ALL_LOCATIONS):
         chosen.append(LocalStorage(Path(config.backup.dir)))
-    if location in ("s3", "all") and config.s3.enabled:
+    if location in (Location.S3, ALL_LOCATIONS) and config.s3.enabled:
         from backupd.storage.s3 import S3Storage
 
         chosen.append(S3Storage(config.s3, env))
-    if location == "s3" and not config.s3.enabled:
+    if location == Location.S3 and not config.s3.enabled:
         raise UsageError("--location s3 needs s3.bucket to be set in the configuration")
     return chosen
 

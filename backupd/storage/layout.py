@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import re
 
+from backupd.choices import Compression
 from backupd.errors import UsageError
 
 ID_PATTERN = r"\d{8}T\d{6}Z-[0-9a-f]{6}"
 ID_LEN = 23  # len("YYYYMMDDTHHMMSSZ-xxxxxx")
 MANIFEST_EXT = ".json"
-COMPRESSION_EXT = {"zstd": ".zst", "gzip": ".gz", "none": ""}
+COMPRESSION_EXT: dict[str, str] = {Compression.ZSTD: ".zst", Compression.GZIP: ".gz",
+                                   Compression.NONE: ""}
 TEMP_MARK = ".tmp-"  # in the name of a file being written: `.<final name>.tmp-<random>`
 UPLOAD_TOKEN = 12  # leading characters of an upload id that name its orphan
 

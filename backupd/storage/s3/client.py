@@ -1,4 +1,4 @@
-"""Building the S3 client: credentials, timeouts and retries, and the endpoint URL check."""
+"""Building the S3 client: credentials, timeouts and retries."""
 
 from __future__ import annotations
 
@@ -20,15 +20,11 @@ if TYPE_CHECKING:
 
 def make_client(cfg: S3Config, env: Mapping[str, str] | None = None) -> S3Client:
     """An S3 client for `cfg`: explicit credentials from the env vars named in the config when
-    they are set, otherwise the default AWS credential chain (env, profile, IMDS, IRSA...)."""
+    both are set, otherwise the default AWS credential chain (env, profile, IMDS, IRSA...).
+    `config.load` has checked the endpoint URL and that the two variables come as a pair."""
     env = os.environ if env is None else env
     key_id = env.get(cfg.access_key_id_env, "") if cfg.access_key_id_env else ""
     secret = env.get(cfg.secret_access_key_env, "") if cfg.secret_access_key_env else ""
-    if bool(key_id) != bool(secret):
-        present, missing = ((cfg.access_key_id_env, cfg.secret_access_key_env) if key_id
-                            else (cfg.secret_access_key_env, cfg.access_key_id_env))
-        raise ConfigError(f"S3 credentials: environment variable {present} is set but "
-                          f"{missing} is not; set both or neither")
     config = Config(
         s3={"addressing_style": cast(Any, cfg.addressing_style)},
         retries={"mode": "standard", "total_max_attempts": cfg.max_attempts},
@@ -39,9 +35,8 @@ def make_client(cfg: S3Config, env: Mapping[str, str] | None = None) -> S3Client
     )
     kwargs: dict[str, Any] = {"region_name": cfg.region or None, "config": config}
     if cfg.endpoint_url:
-        check_endpoint(cfg.endpoint_url)
         kwargs["endpoint_url"] = cfg.endpoint_url
-    if key_id:
+    if key_id and secret:
         kwargs["aws_access_key_id"] = key_id
         kwargs["aws_secret_access_key"] = secret
     try:
@@ -54,19 +49,6 @@ def make_client(cfg: S3Config, env: Mapping[str, str] | None = None) -> S3Client
                           "https://s3.example.com)") from None
     except BOTO_ERRORS as exc:
         raise ConfigError(f"cannot create the S3 client: {type(exc).__name__}") from None
-
-
-def check_endpoint(url: str) -> None:
-    """ConfigError (without the URL, which may hold credentials) unless `url` is http(s)."""
-    try:
-        parts = urlsplit(url)
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
-        _ = parts.port  # raises ValueError for a bad port (or an unencoded '/' in userinfo)
-    except ValueError:
-        valid = False
-    if not valid:
-        raise ConfigError("key 's3.endpoint_url': expected an http(s) URL such as "
-                          "https://s3.example.com (percent-encode reserved characters)")
 
 
 def endpoint_host(url: str | None) -> str:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
+from backupd.choices import Checksum
 from backupd.errors import BackupdError, StorageError
 from backupd.manifest import Manifest
 from backupd.storage import layout
@@ -28,7 +29,8 @@ log = structlog.get_logger("backupd.storage.s3")
 MiB = 1024 * 1024
 MIN_PART_SIZE = 8 * MiB
 MAX_PARTS_TARGET = 9000  # S3 allows 10,000 parts; keep a margin
-CHECKSUMS = {"sha256": "SHA256", "crc32": "CRC32", "none": ""}  # config -> S3's name
+CHECKSUMS: dict[str, str] = {Checksum.SHA256: "SHA256", Checksum.CRC32: "CRC32",
+                             Checksum.NONE: ""}  # config -> S3's name
 
 
 def part_size(size: int) -> int:

@@ -26,7 +26,7 @@ from botocore.exceptions import ClientError
 from backupd import checkpoints
 from backupd import manifest as mf
 from backupd.config import S3Config
-from backupd.errors import ConfigError, IntegrityError, StorageError
+from backupd.errors import IntegrityError, StorageError
 from backupd.manifest import Manifest
 from backupd.storage import layout
 from backupd.storage.base import DeleteResult, Listing, Orphan
@@ -107,11 +107,6 @@ class S3Storage:
 
     def __init__(self, cfg: S3Config, env: Mapping[str, str] | None = None,
                  client: S3Client | None = None) -> None:
-        if not cfg.bucket:
-            raise ConfigError("key 's3.bucket': expected a bucket name, got ''")
-        if cfg.prefix and (not cfg.prefix.endswith("/") or cfg.prefix.startswith("/")):
-            raise ConfigError(f"key 's3.prefix': expected a prefix ending with '/', "
-                              f"got {cfg.prefix!r}")
         self.cfg = cfg
         self.bucket = cfg.bucket
         self.prefix = cfg.prefix
