@@ -15,7 +15,6 @@ contextvars from the thread that scheduled them.
 
 from __future__ import annotations
 
-import importlib
 import secrets
 import threading
 import time
@@ -29,7 +28,7 @@ import structlog
 from backupd import logs
 from backupd.actions.cycle import CycleResult, run_cycle
 from backupd.config import Config
-from backupd.errors import BackupdError, OperationError
+from backupd.errors import BackupdError
 from backupd.health import Tracker, iso_time
 from backupd.manifest import Manifest
 from backupd.metrics import Metrics
@@ -37,13 +36,6 @@ from backupd.notify import Notifier, RunReport
 
 log = structlog.get_logger("backupd.daemon")
 Cycle = Callable[..., CycleResult]
-DRILL_MODULE = "backupd.actions.restore.drill"
-
-
-class DrillSkipped(Exception):
-    """The drill cannot run here for a known, non-alarming reason (logged, not notified)."""
-
-
 class Runner:
     """The daemon's jobs. `stopping` refuses new runs; `busy` tells shutdown what to wait for."""
 
@@ -177,6 +169,8 @@ class Runner:
                 self._drill()
 
     def _drill(self) -> None:
+        from backupd.actions.restore.drill import DrillSkipped, drill_latest  # a restore import
+
         started, t0 = time.time(), time.monotonic()
         try:
             message = drill_latest(self.config)
@@ -203,36 +197,6 @@ class Runner:
 
     def _save(self) -> None:
         save_state(self.tracker)
-
-
-def drill_latest(config: Config) -> str:
-    """Load the latest backup into a throwaway redis-server, as `verify --drill latest` does.
-
-    Imported lazily: a build without backupd.actions.restore.drill skips drills. Encrypted
-    backups are skipped too: the sidecar holds only the age recipient, never the identity.
-    Returns the drill's message; raises on a failed drill.
-    """
-    try:
-        module: Any = importlib.import_module(DRILL_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != DRILL_MODULE:
-            raise
-        raise DrillSkipped(f"{DRILL_MODULE} does not exist in this build") from None
-    drill = getattr(module, "drill", None)
-    if not callable(drill):
-        raise DrillSkipped(f"{DRILL_MODULE}.drill does not exist in this build")
-    from backupd.actions.restore.staging import select_backup
-
-    selected = select_backup(config, "latest", None, None)
-    manifest: Manifest = selected.manifest
-    if manifest.encrypted:
-        raise DrillSkipped(f"backup {manifest.id} is encrypted and the daemon has no age "
-                           "identity; run `backupd verify --drill --identity-file ...` elsewhere")
-    scratch = Path(config.backup.dir) if selected.storage.name == "local" else None
-    result = drill(config, selected.storage, manifest, [], scratch)
-    if not result.ok:
-        raise OperationError(f"drill of {manifest.id}: {result.message}")
-    return str(result.message)
 
 
 def save_state(tracker: Tracker) -> None:

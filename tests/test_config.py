@@ -199,15 +199,15 @@ def test_choices_are_enums_shown_as_their_values(tmp_path: Path) -> None:
     assert json.dumps(effective["backup"]["compression"]) == '"gzip"'
     with pytest.raises(ConfigError, match="one of 'docker', 'command', 'shutdown', 'replicaof'"):
         config_mod.load(write(tmp_path, "[restore]\nmethod = 'ssh'\n"), env={})
-    with pytest.raises(ConfigError, match="key 'backup.compression': expected a string"):
+    with pytest.raises(ConfigError, match=r"key 'backup\.compression': expected a string"):
         config_mod.load(write(tmp_path, "[backup]\ncompression = 1\n"), env={})
 
 
 def test_notify_and_s3_endpoint_urls_need_a_valid_port() -> None:
-    with pytest.raises(ConfigError, match="notify.healthchecks_url"):
+    with pytest.raises(ConfigError, match=r"notify\.healthchecks_url"):
         config_mod.load(None, env={"BACKUPD_NOTIFY__HEALTHCHECKS_URL": "https://hc:port/x"})
     env = {"BACKUPD_S3__BUCKET": "b", "BACKUPD_S3__PREFIX": "p/",
            "BACKUPD_S3__ENDPOINT_URL": "https://s3:99999"}
-    with pytest.raises(ConfigError, match="s3.endpoint_url"):
+    with pytest.raises(ConfigError, match=r"s3\.endpoint_url"):
         config_mod.load(None, env=env)
     assert config_mod.load(None, env={**env, "BACKUPD_S3__ENDPOINT_URL": "https://s3:9000"})

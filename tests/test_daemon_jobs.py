@@ -83,12 +83,18 @@ def test_failed_drill_is_notified_not_raised(rig: Rig) -> None:
     assert rig.sample("backupd_drills_total", outcome="success") == 0
 
 
-def test_drill_is_skipped_when_this_build_has_none(rig: Rig,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(jobs, "DRILL_MODULE", "backupd.actions.no_such_drill")
+def test_drill_of_an_encrypted_backup_is_skipped(
+        rig: Rig, setup: tuple[Path, RedisServer, Path]) -> None:
+    import pyrage
+
+    recipient = str(pyrage.x25519.Identity.generate().to_public())
+    made = run_cli("-c", str(setup[0]), "backup",
+                   env={"BACKUPD_BACKUP__AGE_RECIPIENTS": recipient})
+    assert made.returncode == 0, made.stderr
     with structlog.testing.capture_logs() as logged:
         rig.runner().drill()
     assert [e["event"] for e in logged] == ["drill_skipped"]
+    assert "is encrypted" in logged[0]["reason"]
     assert rig.events() == []
 
 

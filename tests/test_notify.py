@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from backupd import logs
 from backupd import config as config_mod
+from backupd import logs
 from backupd.config import NotifyConfig
 from backupd.errors import ConfigError
 from backupd.notify import Notifier, RunReport, redact

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from backupd import servers, source
-from backupd.actions.restore.staging import Selected, fetch_and_check
+from backupd.actions.restore.staging import Selected, fetch_and_check, select_backup
 from backupd.actions.restore.swap import check_loaded
 from backupd.config import Config
 from backupd.errors import (
@@ -19,6 +19,7 @@ from backupd.errors import (
     EXIT_INTEGRITY,
     EXIT_OK,
     BackupdError,
+    OperationError,
     RestoreError,
 )
 from backupd.manifest import Manifest
@@ -64,6 +65,26 @@ def drill(config: Config, storage: Storage, manifest: Manifest, identities: Sequ
     return DrillResult(True, EXIT_OK, (
         f"drill ok: {server.label} loaded {count} keys ({loaded.expired} already "
         f"expired) in {loaded.seconds:g}s; the manifest says {manifest.keys}"))
+
+
+class DrillSkipped(Exception):
+    """The drill cannot run here for a known, non-alarming reason (logged, not notified)."""
+
+
+def drill_latest(config: Config) -> str:
+    """The daemon's scheduled drill: `verify --drill latest`. Encrypted backups are skipped:
+    the sidecar holds only the age recipient, never the identity. Returns the drill's
+    message; raises on a failed drill."""
+    selected = select_backup(config, "latest", None, None)
+    manifest = selected.manifest
+    if manifest.encrypted:
+        raise DrillSkipped(f"backup {manifest.id} is encrypted and the daemon has no age "
+                           "identity; run `backupd verify --drill --identity-file ...` elsewhere")
+    scratch = Path(config.backup.dir) if selected.storage.name == "local" else None
+    result = drill(config, selected.storage, manifest, [], scratch)
+    if not result.ok:
+        raise OperationError(f"drill of {manifest.id}: {result.message}")
+    return result.message
 
 
 def drill_server_fits(config: Config) -> tuple[bool, str]:
