@@ -354,7 +354,7 @@ def health_cmd(state: State) -> None:
     sys.exit(0 if verdict.ok else EXIT_FAILED)
 
 
-# --- Restore (issue 4): `restore` and `verify --drill` (backupd/actions/restore/) ---
+# --- Restore: `restore` and `verify --drill` (backupd/actions/restore/) ---
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

@@ -1,6 +1,6 @@
 """The snapshot over the replication protocol: `redis.source = "replication"`.
 
-What redis-cli --rdb and every replica do (shared/notes/redis.md section 5): `REPLCONF capa
+What redis-cli --rdb and every replica do (seen on Redis 7.0, 8.2 and Valkey 8.1): `REPLCONF capa
 eof`, `REPLCONF rdb-only 1`, then `PSYNC ? -1` (its +FULLRESYNC reply names the replication id
 and offset the snapshot is at; an ACL without +psync falls back to `SYNC`). The master sends
 bare `\\n` keepalives while it prepares the RDB, then either `$<len>\\r\\n` + bytes (disk-based)

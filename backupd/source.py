@@ -1,7 +1,6 @@
 """The Redis side: connecting, the snapshot handshake, locating the dump file, server facts.
 
-The handshake (shared/notes/redis.md, "A handshake that holds") trusts nothing that a naive wait
-trusts: LASTSAVE has one-second resolution, `rdb_bgsave_in_progress:0` with status ok is also what
+The handshake trusts nothing that a naive wait trusts (each trap reproduced on a real Redis): LASTSAVE has one-second resolution, `rdb_bgsave_in_progress:0` with status ok is also what
 a save killed by FLUSHALL looks like, and a sidecar with the wrong volume mounted sees a stale
 file. Success needs a new save counted by `rdb_saves`, status ok, a save time at or after the
 request, and a dump file whose inode changed; the file is then opened once and read from that

@@ -1,4 +1,4 @@
-"""`python -m bench.keys`: throughput of `restore --keys` and peak RSS of `diff` (issue 16).
+"""`python -m bench.keys`: throughput of `restore --keys` and peak RSS of `diff`.
 
 Starts its own redis-server (free port, temp dir), fills it with DEBUG POPULATE, takes a
 backup with the real CLI, then times the real CLI:

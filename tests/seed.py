@@ -1,4 +1,4 @@
-"""The auth service's schema (issue 16): what the selective restore, diff and inspect tests
+"""The auth service's schema: what the selective restore, diff and inspect tests
 load into a real server, and a brute-force view of a whole server to compare against."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`backupd diff` and `backupd inspect` (issue 16): checked against a brute-force comparison of
+"""`backupd diff` and `backupd inspect`: checked against a brute-force comparison of
 the servers' whole contents (tests/seed.py snapshot)."""
 
 from __future__ import annotations

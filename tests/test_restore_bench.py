@@ -1,4 +1,4 @@
-"""Restore time versus Redis's own load time for the same RDB, in one run (issue 4, "Done when").
+"""Restore time versus Redis's own load time for the same RDB, in one run.
 
     BACKUPD_BENCH_RDB_MB=100 .venv/bin/python -m pytest -m slow -s tests/test_restore_bench.py
 

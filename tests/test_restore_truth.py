@@ -1,4 +1,4 @@
-"""Restore that cannot be fooled (issue 11): what the restart really loads is checked before
+"""Restore that cannot be fooled: what the restart really loads is checked before
 and after, on real redis-server processes controlled like services (tests/test_restore.py)."""
 
 from __future__ import annotations

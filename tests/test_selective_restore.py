@@ -1,4 +1,4 @@
-"""`backupd restore --keys`: some keys of a backup back into the running server (issue 16),
+"""`backupd restore --keys`: some keys of a backup back into the running server,
 on the auth service's schema (tests/seed.py)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The snapshot handshake against a real redis-server: every race in shared/notes/redis.md."""
+"""The snapshot handshake against a real redis-server: every race a naive wait falls for."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """`backupd restore`: replace a Redis server's data with a backup, safely, and undo it.
 
-Order of operations (issue 4; shared/notes/redis.md sections 2-4), nothing destructive before 4:
+Order of operations (what Redis loads at start, and what a shutdown save overwrites, decide it),
+nothing destructive before 4:
 
 1. Fetch the artifact into `<data_dir>/.backupd-restore-<id>` (same filesystem as Redis's files,
    so the swap is a rename) while checking SHA-256, decrypting, decompressing and checking the
@@ -551,7 +552,7 @@ def rollback(config: Config, opts: Options, ui: Ui,
             log.warning("rollback_discards_writes", finished_at=journal.finished_at)
         if not opts.yes and not ui.confirm(question):
             raise RestoreError("rollback cancelled; nothing was changed")
-        # Journals before issue 11 listed the AOF dir only when AOF was on.
+        # A journal of an older backupd has no `aof`: it listed the AOF dir only when AOF was on.
         aof = journal.aof if journal.aof is not None else len(journal.entries) > 1
         run = Run(ctx.link, ctx.controller, config.restore, config.redis.save_timeout,
                   ctx.data_dir, pre, journal, aof)
