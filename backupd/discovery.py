@@ -10,6 +10,7 @@ is overwritten by its next sync, a failed-over old master by the new one).
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -21,11 +22,18 @@ import structlog
 from backupd.config import RedisConfig
 from backupd.endpoint import Endpoint, at, direct, sentinel_endpoints
 from backupd.errors import ConfigError, RedisUnavailable, RestoreError, StaleReplica
+from backupd.polling import poll_until
 
 log = structlog.get_logger("backupd.discovery")
 
 _DOWN_FLAGS = {"s_down", "o_down"}
+
+
 _UNUSABLE_REPLICA = {"s_down", "o_down", "disconnected"}
+
+
+class _NotYet(Exception):
+    """A bounded wait whose end is a warning line, not an error."""
 
 
 @dataclass(frozen=True)
@@ -272,19 +280,22 @@ def failover_held_off(cfg: RedisConfig, env: Mapping[str, str] | None,
 
 def _wait_fresh_reply(sentinel: Endpoint, name: str, down_after_ms: int,
                       deadline: float) -> None:
-    """Until the sentinel's last PING reply from the master is well within `down_after_ms`."""
-    while True:
-        state = _pairs(_sentinel_command(sentinel, "MASTER", name))
+    """Until the sentinel's last PING reply from the master is well within `down_after_ms`;
+    past the deadline a warning, not an error (the hold-off is undone either way)."""
+    state: dict[str, Any] = {}
+
+    def fresh() -> bool:
+        state.update(_pairs(_sentinel_command(sentinel, "MASTER", name)))
         flags = set(state.get("flags", "").split(","))
-        fresh = int(state.get("last-ok-ping-reply", down_after_ms)) < down_after_ms // 2
-        if fresh and not flags & (_DOWN_FLAGS | {"disconnected"}):
-            return
-        if time.monotonic() >= deadline:
-            log.warning("master_not_seen_by_sentinel", sentinel=sentinel.where,
-                        flags=",".join(sorted(flags)),
-                        last_ok_ping_reply_ms=state.get("last-ok-ping-reply"))
-            return
-        time.sleep(0.05)
+        return (int(state.get("last-ok-ping-reply", down_after_ms)) < down_after_ms // 2
+                and not flags & (_DOWN_FLAGS | {"disconnected"}))
+
+    try:
+        poll_until(fresh, deadline, _NotYet, first=0.05, longest=0.05)
+    except _NotYet:
+        log.warning("master_not_seen_by_sentinel", sentinel=sentinel.where,
+                    flags=",".join(sorted(set(state.get("flags", "").split(",")))),
+                    last_ok_ping_reply_ms=state.get("last-ok-ping-reply"))
 
 
 def replicas_resynced(cfg: RedisConfig, env: Mapping[str, str] | None, master: Endpoint,
@@ -304,12 +315,12 @@ def replicas_resynced(cfg: RedisConfig, env: Mapping[str, str] | None, master: E
     for reply in replies:
         replica = at(master, reply.get("ip", ""), int(reply.get("port", 0)))
         seen: dict[str, Any] = {}
-        while not _resynced(replica, keys, seen) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if _resynced(replica, keys, seen):
+        try:
+            poll_until(functools.partial(_resynced, replica, keys, seen), deadline, _NotYet,
+                       first=0.2, longest=0.2)
             lines.append(f"replica {replica.where} resynced to the restored data "
                          f"({keys} keys, master_link_status:up)")
-        else:
+        except _NotYet:
             lines.append(f"WARNING replica {replica.where} has not resynced within "
                          f"{timeout:g}s (restore.start_timeout): {seen.get('keys', '?')} keys, "
                          f"master_link_status:{seen.get('link', '?')}; it still holds other "

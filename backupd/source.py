@@ -1,15 +1,14 @@
 """The Redis side: connecting, the snapshot handshake, locating the dump file, server facts.
 
-The handshake trusts nothing that a naive wait trusts (each trap reproduced on a real Redis): LASTSAVE has one-second resolution, `rdb_bgsave_in_progress:0` with status ok is also what
-a save killed by FLUSHALL looks like, and a sidecar with the wrong volume mounted sees a stale
+The handshake trusts nothing that a naive wait trusts (each trap reproduced on a real Redis):
+LASTSAVE has one-second resolution, `rdb_bgsave_in_progress:0` with status ok is also what a
+save killed by FLUSHALL looks like, and a sidecar with the wrong volume mounted sees a stale
 file. Success needs a new save counted by `rdb_saves`, status ok, a save time at or after the
 request, and a dump file whose inode changed; the file is then opened once and read from that
-descriptor only.
-
-`backupd backup` does not wait for the save to read it: `follow_snapshot` streams Redis's
-temp-<pid>.rdb while the save child writes it (LiveSnapshot), so checking, compressing and
-uploading overlap the save; the stream only ends once the same handshake has confirmed the
-save and the file read is the very file that became the dump.
+descriptor only. `backupd backup` does not wait for the save to read it: `follow_snapshot`
+streams Redis's temp-<pid>.rdb while the save child writes it (LiveSnapshot), so checking,
+compressing and uploading overlap the save; the stream only ends once the same handshake has
+confirmed the save and the file read is the very file that became the dump.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from backupd.config import Config
 from backupd.controllers.throwaway import Listen, server_identity, throwaway_server
 from backupd.errors import BackupdError, RestoreError
 from backupd.fsio import atomic_file, write_all
+from backupd.polling import poll_until
 from backupd.replication import ReplicationStream
 from backupd.streams import CHUNK
 
@@ -141,8 +142,7 @@ def _sync_from(config: Config, target: redis.Redis, binary: str, rdb: Path) -> i
 
 def _wait_synced(target: redis.Redis, tmp: redis.Redis, timeout: float,
                  listen: Listen) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    def synced() -> bool:
         try:
             offset = int(tmp.info("replication").get("master_repl_offset", 0))
         except redis.exceptions.RedisError as exc:
@@ -150,18 +150,16 @@ def _wait_synced(target: redis.Redis, tmp: redis.Redis, timeout: float,
                                f"({exc})") from None
         try:
             info = target.info("replication")
-            if (info.get("master_link_status") == "up"
-                    and not int(info.get("master_sync_in_progress", 0))
-                    and int(info.get("slave_repl_offset", -1)) >= offset):
-                return
         except redis.exceptions.BusyLoadingError:
-            pass  # the target is loading what it received
-        if time.monotonic() >= deadline:
-            raise RestoreError(f"the target did not sync from the throwaway server at "
-                               f"{listen.host}:{listen.port} within {timeout:g}s "
-                               "(restore.start_timeout): can it reach that address "
-                               "(restore.replicaof_announce_host)?")
-        time.sleep(POLL)
+            return False  # the target is loading what it received
+        return (info.get("master_link_status") == "up"
+                and not int(info.get("master_sync_in_progress", 0))
+                and int(info.get("slave_repl_offset", -1)) >= offset)
+
+    poll_until(synced, time.monotonic() + timeout, lambda: RestoreError(
+        f"the target did not sync from the throwaway server at {listen.host}:{listen.port} "
+        f"within {timeout:g}s (restore.start_timeout): can it reach that address "
+        "(restore.replicaof_announce_host)?"), first=POLL, longest=POLL)
 
 
 def _release(target: redis.Redis, saved: dict[str, str]) -> None:

@@ -1,10 +1,10 @@
 """Step 6, after the start: is the data Redis ended up with the backup?
 
 `rdb_last_load_keys_loaded` is not enough: after an AOF load it counts the AOF's base only
-(Redis 7.0, 8.2 and Valkey 8.1 alike). So the keys per database from INFO keyspace at the first answer are
-compared with the manifest's `keys_per_db`, and sampled keys (backupd.rdb_keys, read from the
-staged RDB) must exist with their types. Keys evicted right after the load (maxmemory) are
-named as such. Any mismatch fails the restore, which is then rolled back.
+(Redis 7.0, 8.2 and Valkey 8.1 alike). So the keys per database from INFO keyspace at the first
+answer are compared with the manifest's `keys_per_db`, and sampled keys (backupd.rdb_keys, read
+from the staged RDB) must exist with their types. Keys evicted right after the load (maxmemory)
+are named as such. Any mismatch fails the restore, which is then rolled back.
 """
 
 from __future__ import annotations
