@@ -39,6 +39,10 @@ class RedisUnavailable(OperationError):
     """Redis cannot be reached (down, refused, timed out)."""
 
 
+class RedisLoading(RedisUnavailable):
+    """Redis answers, but with -LOADING: it is still loading its data (after a start)."""
+
+
 class RedisAuthError(OperationError):
     """Redis rejected the credentials or the ACL user lacks a permission."""
 

@@ -33,6 +33,7 @@ from backupd.errors import (
     ConfigError,
     InsufficientSpace,
     RedisAuthError,
+    RedisLoading,
     RedisUnavailable,
     SnapshotError,
     StaleReplica,
@@ -108,6 +109,10 @@ def redis_errors(cfg: RedisConfig, has_password: bool) -> Iterator[None]:
                                    f"connect_timeout {cfg.connect_timeout:g}s{tls})") from None
         raise RedisUnavailable(f"{where} did not answer in time "
                                f"(redis.read_timeout {cfg.read_timeout:g}s)") from None
+    except redis.exceptions.BusyLoadingError as exc:  # a ConnectionError in redis-py
+        text = str(exc)
+        raise RedisLoading(f"cannot connect to {where}{_connection_hint(text)} "
+                           f"({text})") from None
     except redis.exceptions.ConnectionError as exc:
         text = str(exc)
         raise RedisUnavailable(f"cannot connect to {where}{_connection_hint(text)} "
@@ -351,7 +356,7 @@ def snapshot(client: redis.Redis, cfg: RedisConfig, backup_dir: Path) -> Iterato
 
 def _save_over(save: _Save) -> bool:
     """Whether the save has ended (in success or not); SnapshotError if Redis restarted."""
-    _same_server(save.client, save.run_id)
+    _check_same_server(save.client, save.run_id)
     state = _persistence(save.client)
     if save.saves_before < 0:  # Redis < 7.0 has no rdb_saves: wait for the child to go away
         return not int(state.get("rdb_bgsave_in_progress", 0))
@@ -530,13 +535,12 @@ def _is_dump(fh: IO[bytes], dump: Path) -> bool:
     return (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev)
 
 
-def _same_server(client: redis.Redis, run_id: str) -> bool:
+def _check_same_server(client: redis.Redis, run_id: str) -> None:
     """SnapshotError when Redis restarted since the save was requested: redis-py reconnects
     silently, and the new process would never count our save (its rdb_saves starts at 0)."""
     if run_id and str(client.info("server").get("run_id", "")) != run_id:
         raise SnapshotError("Redis restarted during the snapshot (its run_id changed): the "
                             "save was lost; no backup was made, the next run takes a new one")
-    return True
 
 
 @contextlib.contextmanager

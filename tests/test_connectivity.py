@@ -257,3 +257,19 @@ def test_connection_settings_are_validated(tmp_path: Path, extra: str, message: 
     path.write_text(f"[redis]\n{extra}\n")
     with pytest.raises(ConfigError, match=message):
         config_mod.load(path, env={})
+
+
+def test_a_loading_server_is_a_typed_error_not_a_matched_text() -> None:
+    """redis-py reports -LOADING as BusyLoadingError (a ConnectionError): the restore's probes
+    tell "loading" from "down" by the type backupd raises for it."""
+    import redis
+
+    from backupd import source
+    from backupd.errors import RedisLoading, RedisUnavailable
+
+    cfg = config_mod.load(None, env={}).redis
+    with pytest.raises(RedisLoading, match="cannot connect to"), source.redis_errors(cfg, True):
+        raise redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory")
+    with pytest.raises(RedisUnavailable) as down, source.redis_errors(cfg, True):
+        raise redis.exceptions.ConnectionError("Connection refused")
+    assert not isinstance(down.value, RedisLoading)

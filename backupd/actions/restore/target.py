@@ -21,6 +21,7 @@ from backupd.errors import (
     IntegrityError,
     NeverAnswered,
     RedisExited,
+    RedisLoading,
     RedisUnavailable,
     RestoreError,
 )
@@ -57,8 +58,10 @@ class RedisLink:
         """True while anything answers on the port (also -LOADING or an auth error)."""
         try:
             client = self.connect()
-        except RedisUnavailable as exc:
-            return "loading" in str(exc).lower()
+        except RedisLoading:
+            return True
+        except RedisUnavailable:
+            return False
         except BackupdError:
             return True
         client.close()
@@ -85,13 +88,17 @@ class RedisLink:
         RedisAuthError when Redis answers but rejects the login."""
         try:
             client = self.connect()
-        except RedisUnavailable as exc:
-            return ("loading" if "loading" in str(exc).lower() else "down"), {}
+        except RedisLoading:
+            return "loading", {}
+        except RedisUnavailable:
+            return "down", {}
         try:
             with self.errors():
                 info: dict[str, Any] = client.info("everything")
-        except RedisUnavailable as exc:
-            return ("loading" if "loading" in str(exc).lower() else "down"), {}
+        except RedisLoading:
+            return "loading", {}
+        except RedisUnavailable:
+            return "down", {}
         finally:
             client.close()
         return ("loading" if int(info.get("loading", 0)) else "ready"), info
