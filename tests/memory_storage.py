@@ -101,13 +101,16 @@ class MemoryStorage:
         self.place(layout.manifest_name(manifest.id), manifest.to_json())  # the commit
 
     def delete(self, backup_ids: Iterable[str]) -> DeleteResult:
+        ids = list(dict.fromkeys(layout.check_id(i) for i in backup_ids))
         result = DeleteResult()
-        for backup_id in backup_ids:
+        for backup_id in ids:
             self.calls.append(f"delete {backup_id}")
             if backup_id in self.faults.locked:
                 result.locked.append(backup_id)
             elif backup_id in self.faults.delete:
                 result.failed[backup_id] = self.faults.delete[backup_id]
+            elif layout.manifest_name(backup_id) not in self.objects:
+                result.deleted.append(backup_id)  # gone already, as in every backend
             else:
                 try:
                     manifest = self.read_manifest(backup_id)
@@ -120,6 +123,8 @@ class MemoryStorage:
         return result
 
     def delete_orphans(self, names: Iterable[str]) -> DeleteResult:
+        names = list(dict.fromkeys(names))
+        layout.check_no_manifest(names)
         result = DeleteResult()
         for name in names:
             self.calls.append(f"delete orphan {name}")

@@ -167,3 +167,24 @@ def test_a_missing_backup_is_a_storage_error_and_a_bad_id_a_usage_error(backend:
             backend.storage.read_manifest(bad)
         with pytest.raises(UsageError):
             backend.storage.delete([bad])
+
+
+def test_deleting_a_backup_that_does_not_exist_counts_as_deleted(backend: Backend,
+                                                                 tmp_path: Path) -> None:
+    path, kept = make_backup(tmp_path)
+    _, gone = make_backup(tmp_path, when=T0 + timedelta(hours=1))
+    backend.storage.put(path, kept)
+    result = backend.storage.delete([gone.id])
+    assert (result.deleted, result.locked, result.failed) == ([gone.id], [], {})
+    assert backend.storage.listing().manifests == [kept]
+
+
+def test_a_manifest_is_never_deleted_as_an_orphan(backend: Backend, tmp_path: Path) -> None:
+    path, man = make_backup(tmp_path)
+    backend.storage.put(path, man)
+    leftover = layout.temp_name(f"{man.id[:-1]}0.rdb.zst", "abc123")
+    backend.place(leftover, b"crashed write")
+    with pytest.raises(UsageError, match="not the name of an orphaned"):
+        backend.storage.delete_orphans([leftover, layout.manifest_name(man.id)])
+    assert backend.storage.listing().manifests == [man]
+    assert leftover in backend.names()  # refused before anything was deleted

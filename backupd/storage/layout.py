@@ -15,6 +15,7 @@ backup id, which is checked before it becomes a path or a key.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from backupd.choices import Compression
 from backupd.errors import UsageError
@@ -55,6 +56,15 @@ def manifest_id(name: str) -> str | None:
     """The id whose manifest `name` is, or None."""
     backup_id = name[: -len(MANIFEST_EXT)]
     return backup_id if name.endswith(MANIFEST_EXT) and is_valid_id(backup_id) else None
+
+
+def check_no_manifest(names: Iterable[str]) -> None:
+    """UsageError if one of the names a caller wants deleted as orphans is a manifest: that
+    would delete a backup (its commit marker) behind the retention's back."""
+    for name in names:
+        if manifest_id(name) is not None:
+            raise UsageError(f"{name[:80]!r} is not the name of an orphaned backup object "
+                             "or incomplete upload")
 
 
 def owner(name: str) -> str | None:

@@ -103,8 +103,14 @@ class LocalStorage:
         self.write_manifest(manifest)
 
     def delete(self, backup_ids: Iterable[str]) -> DeleteResult:
+        """A backup that does not exist counts as deleted, as in every backend; UsageError for
+        a non-id, before anything is deleted."""
+        ids = list(dict.fromkeys(layout.check_id(i) for i in backup_ids))
         result = DeleteResult()
-        for backup_id in backup_ids:
+        for backup_id in ids:
+            if not self.manifest_path(backup_id).exists():
+                result.deleted.append(backup_id)
+                continue
             try:
                 manifest = self.read_manifest(backup_id)
                 self.manifest_path(backup_id).unlink()  # first: the backup stops existing
@@ -116,6 +122,10 @@ class LocalStorage:
         return result
 
     def delete_orphans(self, names: Iterable[str]) -> DeleteResult:
+        """Delete leftover files; a name not ours is reported as failed. A manifest is never an
+        orphan: UsageError, before anything is deleted, as in every backend."""
+        names = list(dict.fromkeys(names))
+        layout.check_no_manifest(names)
         result = DeleteResult()
         for name in names:
             if not layout.is_ours_local(name) or "/" in name or "\0" in name:

@@ -90,11 +90,13 @@ class Deleter:
         raised before anything is deleted."""
         objects: list[str] = []
         uploads: dict[str, tuple[str, str]] = {}
-        for name in dict.fromkeys(names):
+        names = list(dict.fromkeys(names))
+        layout.check_no_manifest(names)
+        for name in names:
             upload = layout.parse_upload_orphan_name(name)
             if upload is not None:
                 uploads[name] = upload
-            elif layout.owner(name) is None or layout.manifest_id(name) is not None:
+            elif layout.owner(name) is None:
                 raise UsageError(f"{name[:80]!r} is not the name of an orphaned backup object "
                                  "or incomplete upload")
             else:
