@@ -444,6 +444,26 @@ def restore(state: State, backup_id: str, from_: str | None, before: str | None,
     sys.exit(action.rollback(cfg, opts, ui) if rollback else action.restore(cfg, opts, ui))
 
 
+def _reading_options(*, plural: bool) -> Callable[[F], F]:
+    """--json, --identity-file and --from of the commands that read backups into a throwaway
+    server (diff, inspect), worded for one backup or several."""
+    backups, encrypted = ("backups", "encrypted backups") if plural else \
+        ("backup", "an encrypted backup")
+    options = [
+        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+        click.option("--identity-file", type=click.Path(dir_okay=False),
+                     help=f"age identity file, to decrypt {encrypted}."),
+        click.option("--from", "from_", type=click.Choice(values(Location)), default=None,
+                     help=f"Where to read the {backups} (default: local if there, else s3)."),
+    ]
+
+    def decorate(func: F) -> F:
+        for option in reversed(options):  # listed in --help in this order
+            func = option(func)
+        return func
+    return decorate
+
+
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("a", metavar="[A]", required=False, default="latest")
 @click.argument("b", metavar="[B|live]", required=False, default="live")
@@ -451,11 +471,7 @@ def restore(state: State, backup_id: str, from_: str | None, before: str | None,
               help="Compare only keys matching this glob (repeatable; default all).")
 @click.option("--db", type=click.IntRange(0), default=None, help="Only this database.")
 @click.option("--list", "list_names", is_flag=True, help="Also name every key that differs.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--identity-file", type=click.Path(dir_okay=False),
-              help="age identity file, to decrypt encrypted backups.")
-@click.option("--from", "from_", type=click.Choice(values(Location)), default=None,
-              help="Where to read the backups (default: local if there, else s3).")
+@_reading_options(plural=True)
 @pass_state
 @handle_errors
 def diff(state: State, a: str, b: str, patterns: tuple[str, ...], db: int | None,
@@ -474,11 +490,7 @@ def diff(state: State, a: str, b: str, patterns: tuple[str, ...], db: int | None
 @click.argument("backup_id", metavar="[ID|latest]", required=False, default="latest")
 @click.option("--keys", "patterns", multiple=True, metavar="PATTERN",
               help="Only keys matching this glob (repeatable; default all).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--identity-file", type=click.Path(dir_okay=False),
-              help="age identity file, to decrypt an encrypted backup.")
-@click.option("--from", "from_", type=click.Choice(values(Location)), default=None,
-              help="Where to read the backup (default: local if there, else s3).")
+@_reading_options(plural=False)
 @pass_state
 @handle_errors
 def inspect(state: State, backup_id: str, patterns: tuple[str, ...], as_json: bool,

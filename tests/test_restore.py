@@ -88,6 +88,25 @@ class Service:
     def stop(self) -> None:
         subprocess.run(self.stop_command(), check=True, timeout=30)
 
+    def launch(self, supervise: list[str] | None) -> None:
+        """Start it, under the restart-policy supervisor when `supervise` (its extra args)."""
+        if supervise is None:
+            self.start()
+            return
+        self.supervisor = subprocess.Popen(
+            [sys.executable, str(CTL), "supervise", str(self.dir / "supervisor.pid"),
+             *supervise, "--", *self.server.argv()])
+        self.wait_ready()
+
+    def remove(self) -> None:
+        """The fixture's teardown: the supervisor, the server, and extra directories go."""
+        if self.supervisor is not None:
+            self.supervisor.terminate()
+            self.supervisor.wait(20)
+        subprocess.run(self.stop_command(), check=False, timeout=30)
+        for path in self.extra_cleanup:
+            shutil.rmtree(path, ignore_errors=True)
+
     def wait_ready(self) -> None:
         wait_until(self.ready, 20, f"redis on port {self.server.port}")
 
@@ -166,24 +185,13 @@ def services(tmp_path: Path, server_under_test: Server) -> Iterator[Callable[...
         if outer is not None:
             service.extra_cleanup.append(outer)
         made.append(service)
-        if supervised is not None:
-            args = ["--once"] if supervised == "once" else []
-            service.supervisor = subprocess.Popen(
-                [sys.executable, str(CTL), "supervise", str(data / "supervisor.pid"), *args,
-                 "--", *service.server.argv()])
-            service.wait_ready()
-        else:
-            service.start()
+        service.launch(None if supervised is None
+                       else ["--once"] if supervised == "once" else [])
         return service
 
     yield make
     for service in made:
-        if service.supervisor is not None:
-            service.supervisor.terminate()
-            service.supervisor.wait(20)
-        subprocess.run(service.stop_command(), check=False, timeout=30)
-        for path in service.extra_cleanup:
-            shutil.rmtree(path, ignore_errors=True)
+        service.remove()
 
 
 # -- data helpers --------------------------------------------------------------------------------

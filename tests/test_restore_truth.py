@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -266,21 +265,12 @@ def conf_service(tmp_path: Path) -> Iterator[Callable[[bool], Service]]:
         conf.write_text("databases 16\n")
         service = Service(ConfServer(data, free_port(), PASSWORD, [], conf=conf))
         made.append(service)
-        if supervised:
-            service.supervisor = subprocess.Popen(
-                [sys.executable, str(CTL), "supervise", str(data / "supervisor.pid"), "--",
-                 *service.server.argv()])
-            service.wait_ready()
-        else:
-            service.start()
+        service.launch([] if supervised else None)
         return service
 
     yield make
     for service in made:
-        if service.supervisor is not None:
-            service.supervisor.terminate()
-            service.supervisor.wait(20)
-        subprocess.run(service.stop_command(), check=False, timeout=30)
+        service.remove()
 
 
 @pytest.mark.parametrize("method", ["command", "shutdown"])
