@@ -54,6 +54,12 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _location_option(*, default: str) -> Callable[[F], F]:
+    """`--location local|s3|all` of the commands that read or prune stored backups."""
+    return click.option("--location", type=click.Choice([*values(Location), ALL_LOCATIONS]),
+                        default=default, show_default=True)
+
+
 class State:
     def __init__(self, config_path: str | None, log_format: str | None,
                  log_level: str | None) -> None:
@@ -111,8 +117,7 @@ def backup(state: State, tag: str, no_prune: bool) -> None:
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.option("--dry-run", is_flag=True, help="Show what would be deleted; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@click.option("--location", type=click.Choice([*values(Location), ALL_LOCATIONS]), default="all",
-              show_default=True)
+@_location_option(default="all")
 @click.option("--orphans", is_flag=True,
               help="Also delete leftovers without a manifest older than a day.")
 @pass_state
@@ -183,8 +188,7 @@ def upload(state: State, pending: bool) -> None:
 
 @cli.command(name="list", epilog=EXIT_CODES_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-@click.option("--location", type=click.Choice([*values(Location), ALL_LOCATIONS]), default="all",
-              show_default=True)
+@_location_option(default="all")
 @pass_state
 @handle_errors
 def list_cmd(state: State, as_json: bool, location: str) -> None:
@@ -227,8 +231,7 @@ def _size(n: int) -> str:
 @click.option("--deep", is_flag=True, help="Also run redis-check-rdb on the RDB.")
 @click.option("--identity-file", type=click.Path(dir_okay=False),
               help="age identity file, to decrypt and check encrypted backups fully.")
-@click.option("--location", type=click.Choice([*values(Location), ALL_LOCATIONS]), default="local",
-              show_default=True)
+@_location_option(default="local")
 @click.option("--drill", is_flag=True,
               help="Load the backup into a throwaway redis-server and check its key count.")
 @pass_state
