@@ -25,6 +25,7 @@ from backupd.manifest import Manifest
 from backupd.pipeline import Digester, Follower, PackResult, pack
 from backupd.rdb import first_db_size
 from backupd.rdb_keys import KeySampler
+from backupd.storage.base import Listing
 from backupd.storage.local import LocalStorage, ensure_dir
 from backupd.streams import CHUNK, ObservedWriter, copy_stream
 
@@ -49,9 +50,10 @@ def backup_lock(directory: Path) -> Iterator[None]:
         lock.release()
 
 
-def clean_leftovers(storage: LocalStorage) -> None:
-    """Remove temp files and artifacts without a manifest: crashed writes. Call under the lock."""
-    orphans = storage.listing().orphans
+def clean_leftovers(storage: LocalStorage, listing: Listing | None = None) -> None:
+    """Remove temp files and artifacts without a manifest: crashed writes. Call under the lock
+    (`listing`: the directory's, taken under it)."""
+    orphans = (storage.listing() if listing is None else listing).orphans
     if orphans:
         result = storage.delete_orphans(o.name for o in orphans)
         log.info("leftovers_removed", files=result.deleted, failed=result.failed or None)
@@ -119,17 +121,19 @@ def check_tag(tag: str) -> str:
 
 def run_backup(config: Config, *, trigger: str = "manual", tag: str = "",
                env: Mapping[str, str] | None = None,
-               follower: Follower | None = None) -> Manifest:
+               follower: Follower | None = None, listing: Listing | None = None) -> Manifest:
     """Take one backup into the local directory; returns its committed manifest.
 
-    The caller holds `backup_lock` on the backup directory. `follower` reads the artifact
-    while it is written (the S3 upload in parts)."""
+    The caller holds `backup_lock` on the backup directory (`listing`: the directory's, taken
+    under it; listed here when not given). `follower` reads the artifact while it is written
+    (the S3 upload in parts)."""
     started = time.monotonic()
     check_tag(tag)
     yield_cpu(config.backup.niceness)
     storage = LocalStorage(Path(config.backup.dir))
-    clean_leftovers(storage)
-    existing = storage.listing().manifests
+    listing = storage.listing() if listing is None else listing
+    clean_leftovers(storage, listing)  # orphans only: the manifests stay as listed
+    existing = listing.manifests
     previous = existing[0] if existing else None
     endpoint = discovery.resolve(config.redis, env)
     client = source.connect_endpoint(endpoint)

@@ -8,6 +8,7 @@ The whole cycle holds the backup directory's lock.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,9 @@ def run_cycle(config: Config, *, trigger: str = "manual", tag: str = "", prune: 
         from backupd.actions.restore.leftovers import report_interrupted
 
         report_interrupted(config)  # a killed restore is reported on every run until resolved
+        # One listing under the lock serves the pending uploads, the leftovers and the next
+        # id; prune lists again, after the backup and the uploads changed the directory.
+        listing = local.listing()
         remote = None
         pending_uploaded: list[str] = []
         if config.s3.enabled:
@@ -50,12 +54,17 @@ def run_cycle(config: Config, *, trigger: str = "manual", tag: str = "", prune: 
             from backupd.storage.s3 import S3Storage
 
             remote = S3Storage(config.s3, env)
-            pending_uploaded = upload_pending(local, remote, config.s3.keep_local).uploaded
+            pending_uploaded = upload_pending(local, remote, config.s3.keep_local,
+                                              listing).uploaded
+            if not config.s3.keep_local and pending_uploaded:  # their local copies are gone
+                listing = dataclasses.replace(listing, manifests=[
+                    m for m in listing.manifests if m.id not in pending_uploaded])
         # The upload starts while the artifact is being written; it is committed only in
         # upload(), after the local manifest, and aborted if the backup fails before that.
         stream = remote.start_upload() if remote is not None else None
         try:
-            manifest = run_backup(config, trigger=trigger, tag=tag, env=env, follower=stream)
+            manifest = run_backup(config, trigger=trigger, tag=tag, env=env, follower=stream,
+                                  listing=listing)
             result = CycleResult(manifest, pending_uploaded=pending_uploaded)
             if on_backup is not None:
                 on_backup(manifest)

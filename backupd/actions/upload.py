@@ -13,6 +13,7 @@ import structlog
 from backupd import checkpoints
 from backupd.errors import StorageError, UploadPending
 from backupd.manifest import Manifest
+from backupd.storage.base import Listing
 from backupd.storage.local import LocalStorage
 from backupd.storage.s3 import S3Storage, StreamingUpload
 
@@ -53,15 +54,17 @@ class PendingResult:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def pending(local: LocalStorage) -> list[Manifest]:
-    return [m for m in local.listing().manifests if m.upload == PENDING]
+def pending(local: LocalStorage, listing: Listing | None = None) -> list[Manifest]:
+    """The local backups not yet uploaded (from `listing` when the caller has one)."""
+    return [m for m in (local.listing() if listing is None else listing).manifests
+            if m.upload == PENDING]
 
 
-def upload_pending(local: LocalStorage, remote: S3Storage, keep_local: bool = True
-                   ) -> PendingResult:
+def upload_pending(local: LocalStorage, remote: S3Storage, keep_local: bool = True,
+                   listing: Listing | None = None) -> PendingResult:
     """Upload every pending backup, oldest first; one failure does not stop the others."""
     result = PendingResult()
-    for manifest in reversed(pending(local)):
+    for manifest in reversed(pending(local, listing)):
         try:
             upload(local, remote, manifest, keep_local)
             result.uploaded.append(manifest.id)

@@ -111,6 +111,23 @@ def test_failed_upload_stays_pending(tmp_path: Path, server: RedisServer, proxy:
     assert ran.code == 0, ran.stdout
 
 
+def test_the_next_run_uploads_the_pending_backup_then_takes_its_own(
+        tmp_path: Path, server: RedisServer, proxy: FaultProxy, s3: Bucket) -> None:
+    """keep_local = false: the run that uploads a pending backup (whose local copy then goes)
+    takes its own backup after it, with an id after the uploaded one."""
+    fault_case("s3: a pending backup uploaded by the next run, keep_local = false")
+    config, backups = setup_config(tmp_path, server, proxy, s3, keep_local=False)
+    proxy.arm("500", "put-artifact", times=None)
+    first, _ = backup(config, expect=1)
+    proxy.clear()
+    second, _ = backup(config)
+    assert second > first
+    assert complete_local(backups) == {}
+    assert sorted(s3.complete()) == [first, second]
+    assert s3.orphans() == []
+    assert_consistent(config, backups, bucket=s3)
+
+
 def test_corruption_in_transit_without_checksum_is_found_by_verify(
         tmp_path: Path, server: RedisServer, proxy: FaultProxy, s3: Bucket) -> None:
     """checksum = "none" (for stores that reject checksum headers): a body damaged on the way
