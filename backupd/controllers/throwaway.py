@@ -8,11 +8,14 @@ short and in the system temp dir because unix socket paths are limited to ~107 b
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from backupd.servers import ServerId, from_version_output
 VERSION_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 LOG_TAIL = 400
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def server_identity(binary: str) -> ServerId:
@@ -69,7 +73,8 @@ def throwaway_server(binary: str, rdb: Path, timeout: float,
                 "--dir", str(rdb.parent), "--dbfilename", rdb.name, "--save", "",
                 "--appendonly", "no", "--daemonize", "no", "--logfile", str(log_file)]
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE if listen else subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                preexec_fn=_dies_with(os.getpid()) if listen else None)
         if listen is not None and proc.stdin is not None:
             with contextlib.suppress(OSError):
                 proc.stdin.write(f"requirepass {listen.password}\n".encode())
@@ -84,6 +89,17 @@ def throwaway_server(binary: str, rdb: Path, timeout: float,
         finally:
             client.close()
             _stop(proc)
+
+
+def _dies_with(parent: int) -> Callable[[], None]:
+    """In the child before exec: a listening throwaway is killed when backupd dies (SIGKILL
+    included), so that no copy of the data stays served on TCP by an orphan."""
+    def arm() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # backupd died before the prctl
+            os._exit(1)
+    return arm
 
 
 def _wait_loaded(proc: subprocess.Popen[bytes], client: redis.Redis, log_file: Path,

@@ -51,6 +51,7 @@ import structlog
 from backupd import checkpoints, discovery, source
 from backupd import manifest as mf
 from backupd.actions.backup import backup_lock
+from backupd.actions.restore import live_journal
 from backupd.actions.restore.journal import (
     DONE,
     PRE_PREFIX,
@@ -151,6 +152,9 @@ def restore(config: Config, opts: Options, ui: Ui,
         from backupd.actions.restore.live import restore_live
 
         return restore_live(config, opts, ui, env)
+    found_live = live_journal.find(config)
+    if found_live is not None and not opts.dry_run:
+        raise RestoreError(live_journal.describe(config, *found_live, env))
     require_confirmation_possible(opts.yes, opts.dry_run, ui)
     ctx = _context(config, opts, ui, env)
     lock: contextlib.AbstractContextManager[None] = (
@@ -527,7 +531,12 @@ def _since_text(journal: Journal) -> str:
 
 def rollback(config: Config, opts: Options, ui: Ui,
              env: Mapping[str, str] | None = None) -> int:
-    """Put back the files of the newest pre-restore copy (interrupted or completed restore)."""
+    """Put back the files of the newest pre-restore copy (interrupted or completed restore),
+    or, after an interrupted live restore, its safety snapshot."""
+    if live_journal.find(config) is not None:
+        from backupd.actions.restore.live import rollback_live
+
+        return rollback_live(config, opts, ui, env)
     require_confirmation_possible(opts.yes, False, ui)
     ctx = _context(config, opts, ui, env)
     with backup_lock(Path(config.backup.dir)):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import structlog
 
+from backupd.actions.restore import live_journal
 from backupd.actions.restore.journal import AFTER_SWAP, DONE, Journal, pre_dirs, staging_dirs
 from backupd.actions.restore.staging import remove_tree
 from backupd.actions.restore.target import RedisLink
@@ -45,7 +46,7 @@ def report_interrupted(config: Config) -> list[str]:
                 for pre, journal in interrupted(Path(config.redis.data_dir))]
     for message in messages:
         log.error("interrupted_restore", message=message)
-    return messages
+    return messages + live_journal.report(config)
 
 
 def settle_leftovers(data_dir: Path, link: RedisLink) -> None:

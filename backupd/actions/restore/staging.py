@@ -242,7 +242,7 @@ def stage(selected: Selected, target: Target, data_dir: Path, identities: Sequen
             result = fetch_and_check(selected, fh, identities, bar)
             os.fsync(fh.fileno())
         _own(rdb_path, owner, owner.file_mode)
-        sample = _sample(rdb_path, selected.manifest)
+        sample = sample_keys(rdb_path, selected.manifest)
         base = _stage_aof(staging, target, rdb_path, owner)
         fsync_dir(staging)
     except BaseException:
@@ -253,7 +253,7 @@ def stage(selected: Selected, target: Target, data_dir: Path, identities: Sequen
     return Staged(staging, target.entries, result.rdb.version, base, sample)
 
 
-def _sample(rdb_path: Path, manifest: Manifest) -> list[SampledKey]:
+def sample_keys(rdb_path: Path, manifest: Manifest) -> list[SampledKey]:
     """The key sample, read from the staged (verified) RDB: the manifest records only the
     names' digests. Keys the manifest lists and the file does not give mean another reader
     version: the file decides (its SHA-256 was checked), with a note."""
