@@ -33,6 +33,12 @@ Stages (tests/faults/ kills at each of them):
            restore-started    the start command returned, Redis not checked yet
            restore-replicaof  replicaof method: the target was just made a replica of the
                               throwaway server, the sync not waited for yet
+           restore-live-replicating, restore-live-rolling-back
+                              replicaof method: the live journal was just saved, naming the
+                              throwaway the target is about to replicate from
+           restore-live-synced    replicaof method: the sync is complete, REPLICAOF NO ONE not
+                              sent yet
+           restore-live-released  replicaof method: a master again, the data not checked yet
            rollback-stopped   rollback: Redis is down, nothing moved back yet
            rollback-put-back  rollback: the previous files are back, Redis not started yet
 """

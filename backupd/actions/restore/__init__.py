@@ -148,13 +148,13 @@ def _context(config: Config, opts: Options, ui: Ui, env: Mapping[str, str] | Non
 def restore(config: Config, opts: Options, ui: Ui,
             env: Mapping[str, str] | None = None) -> int:
     """Run `backupd restore`; returns the exit code (0), raises BackupdError otherwise."""
+    found_live = live_journal.find(config)
+    if found_live is not None and not opts.dry_run:
+        raise RestoreError(live_journal.describe(config, *found_live, env))
     if (opts.method or config.restore.method) == "replicaof":
         from backupd.actions.restore.live import restore_live
 
         return restore_live(config, opts, ui, env)
-    found_live = live_journal.find(config)
-    if found_live is not None and not opts.dry_run:
-        raise RestoreError(live_journal.describe(config, *found_live, env))
     require_confirmation_possible(opts.yes, opts.dry_run, ui)
     ctx = _context(config, opts, ui, env)
     lock: contextlib.AbstractContextManager[None] = (
