@@ -42,8 +42,9 @@ def describe_interrupted(pre: Path, journal: Journal) -> str:
 
 def report_interrupted(config: Config) -> list[str]:
     """For `backupd run` and `backupd backup`: one error line per interrupted restore."""
+    data_dir = config.redis.data_dir  # "" with the replication source: no file restores
     messages = [describe_interrupted(pre, journal)
-                for pre, journal in interrupted(Path(config.redis.data_dir))]
+                for pre, journal in (interrupted(Path(data_dir)) if data_dir else [])]
     for message in messages:
         log.error("interrupted_restore", message=message)
     return messages + live_journal.report(config)
