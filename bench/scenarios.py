@@ -353,6 +353,12 @@ def s3_scenario(lab: Lab, src: Source) -> None:
     ours = Contender(Series("backupd backup (S3)", "backupd -c CONFIG backup  # with [s3]"),
                      lambda: lab.measure([*BACKUPD, "-c", str(cfg), "backup"]),
                      prepare_backupd)
+    repl_cfg = lab.path("config", f"s3-replication-{name}.toml")
+    repl_cfg.write_text(cfg.read_text().replace("[redis]\n", '[redis]\nsource = "replication"\n'))
+    replication = Contender(
+        Series("backupd backup (S3, source replication)",
+               "backupd -c CONFIG backup  # with [s3], redis.source = \"replication\""),
+        lambda: lab.measure([*BACKUPD, "-c", str(repl_cfg), "backup"]), prepare_backupd)
     theirs = Contender(
         Series("redis-cli --rdb + zstd + upload_file",
                "redis-cli --rdb dump.rdb && zstd -3 -T0 dump.rdb && "
@@ -360,13 +366,18 @@ def s3_scenario(lab: Lab, src: Source) -> None:
         lambda: lab.measure(["sh", "-c", script]), prepare_baseline)
     print(f"[bench] scenario 3 ({name}): BGSAVE to verified S3 object vs sidecar pipeline",
           flush=True)
-    alternate(lab.runs, [ours, theirs])
+    alternate(lab.runs, [ours, theirs, replication])
     lab.results.add_memory("backupd backup (with S3 upload)", name, ours.series)
+    lab.results.add_memory("backupd backup (S3, source replication)", name, replication.series)
     lab.results.rows.append(Row(
         "3", "BGSAVE to a verified S3 object vs `redis-cli --rdb` + `zstd` + `upload_file`",
         name, ours.series, theirs.series, target=0.8,
         note="moto server on 127.0.0.1; repl-diskless-sync-delay 0 for the baseline's SYNC; "
              "backupd also checks the uploaded object and writes both manifests"))
+    lab.results.rows.append(Row(
+        "3 repl", "the same with `redis.source = \"replication\"` (full sync, no data volume) "
+        "vs `redis-cli --rdb` + `zstd` + `upload_file`", name, replication.series,
+        theirs.series, target=0.7, note="same run, same baseline as row 3"))
     clear_dir(scratch)
     clear_dir(backups)
 
