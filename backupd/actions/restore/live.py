@@ -31,6 +31,7 @@ from backupd.actions.restore import live_journal as lj
 from backupd.actions.restore.options import Options, Ui, require_confirmation_possible
 from backupd.actions.restore.restarted import check_keyspace, check_sample, keyspace
 from backupd.actions.restore.staging import (
+    Selected,
     fetch_and_check,
     identities_for,
     remove_tree,
@@ -93,7 +94,7 @@ def restore_live(config: Config, opts: Options, ui: Ui,
 
 
 def _restore_in(config: Config, opts: Options, ui: Ui, endpoint: Any, target: redis.Redis,
-                directory: Path, selected: Any, identities: Sequence[Any]) -> int:
+                directory: Path, selected: Selected, identities: Sequence[Any]) -> int:
     staged = lj.staged_path(directory)
     with atomic_file(staged) as fh:  # 0600: it holds all the data
         fetch_and_check(selected, fh, identities, ui.progress)
