@@ -86,6 +86,16 @@ class SentinelConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    seeds: list[str] = _strings()  # "host:port" of some cluster nodes; empty = no cluster
+    parallel: int = 3  # shards whose snapshot is taken at the same time
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.seeds)
+
+
+@dataclass(frozen=True)
 class RedisConfig:
     host: str = "127.0.0.1"
     port: int = 6379
@@ -113,6 +123,7 @@ class RedisConfig:
     allow_stale_replica: bool = False
     replica_max_io_age: float = _duration("30s")
     sentinel: SentinelConfig = field(default_factory=SentinelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 @dataclass(frozen=True)

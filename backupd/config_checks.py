@@ -118,15 +118,41 @@ def _redis_target(r: RedisConfig, origin: str) -> Iterator[Problem]:
                 parse_host_port(host, "redis.sentinel.hosts", origin)
             except ConfigError as exc:
                 yield "redis.sentinel.hosts", str(exc)
+        if r.cluster.enabled:
+            yield "redis.cluster.seeds", (f"{origin}: keys 'redis.sentinel.hosts' and "
+                                          "'redis.cluster.seeds' exclude each other")
         if r.socket:
             yield "redis.socket", (f"{origin}: keys 'redis.socket' and 'redis.sentinel.hosts' "
                                    "exclude each other (Sentinel gives TCP addresses)")
+    elif r.cluster.enabled:
+        yield from _cluster(r, origin)
     elif r.prefer == "replica":
         yield "redis.prefer", (f"{origin}: key 'redis.prefer' = 'replica' needs "
                                "redis.sentinel.hosts (the sentinels know the replicas)")
     if s.tls and not r.tls:
         yield "redis.sentinel.tls", (f"{origin}: key 'redis.sentinel.tls' = true needs "
                                      "redis.tls = true (the sentinels use the redis.tls_* files)")
+
+
+def _cluster(r: RedisConfig, origin: str) -> Iterator[Problem]:
+    """A cluster is read over the replication protocol from each shard's node (no shared data
+    volume), its nodes named by the seeds."""
+    c = r.cluster
+    for seed in c.seeds:
+        try:
+            parse_host_port(seed, "redis.cluster.seeds", origin)
+        except ConfigError as exc:
+            yield "redis.cluster.seeds", str(exc)
+    if r.source != "replication":
+        yield "redis.source", (f"{origin}: key 'redis.source' must be 'replication' with "
+                               "redis.cluster.seeds (each shard's snapshot comes over the "
+                               "network)")
+    if r.socket:
+        yield "redis.socket", (f"{origin}: keys 'redis.socket' and 'redis.cluster.seeds' "
+                               "exclude each other (cluster nodes are TCP addresses)")
+    if not 1 <= c.parallel <= 64:
+        yield "redis.cluster.parallel", _expected(origin, "redis.cluster.parallel", "1..64",
+                                                  c.parallel)
 
 
 def _exclusive(r: RedisConfig, data: Mapping[str, Any], env: Mapping[str, str],
@@ -140,6 +166,10 @@ def _exclusive(r: RedisConfig, data: Mapping[str, Any], env: Mapping[str, str],
     if r.socket:
         yield "redis.socket", (f"{origin}: keys 'redis.socket' and 'redis.{given[0]}' exclude "
                                "each other: a unix socket or host/port, not both")
+    if r.cluster.enabled:
+        yield "redis.cluster.seeds", (
+            f"{origin}: keys 'redis.cluster.seeds' and 'redis.{given[0]}' exclude each other: "
+            "the seeds name the cluster's nodes")
     if r.sentinel.enabled:
         yield "redis.sentinel.hosts", (
             f"{origin}: keys 'redis.sentinel.hosts' and 'redis.{given[0]}' exclude each other: "

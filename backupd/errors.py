@@ -89,3 +89,8 @@ class BusyError(BackupdError):
     """Another backupd process holds the lock for this backup directory."""
 
     exit_code = EXIT_BUSY
+
+
+class ClusterError(OperationError):
+    """A Redis Cluster's slot map is incomplete, changed during a backup, or does not match a
+    backup's; the message names the shard or the slots."""

@@ -71,9 +71,9 @@ class LocalCluster:
         return redis.RedisCluster(host="127.0.0.1", port=node.port, password=PASSWORD,
                                   decode_responses=True, socket_timeout=10, protocol=2)
 
-    def wait_ok(self, timeout: float = 60) -> None:
-        """Every running node says cluster_state:ok and sees the same slot owners, and every
-        replica's link to its primary is up."""
+    def wait_ok(self, timeout: float = 60, replicas: int = 1) -> None:
+        """Every running node says cluster_state:ok, sees the same slot owners and `replicas`
+        replicas per shard, and every replica's link to its primary is up."""
         def ok() -> bool:
             views = set()
             for node in self.running():
@@ -83,6 +83,9 @@ class LocalCluster:
                         return False
                     views.add(tuple(sorted((r[0], r[1], r[2][1]) for r in
                                            client.execute_command("CLUSTER", "SLOTS"))))
+                    shards = client.execute_command("CLUSTER", "SHARDS")
+                    if any(len(shard[3]) < 1 + replicas for shard in shards if shard[1]):
+                        return False  # a replica not known to this node yet
                     info = client.info("replication")
                     if info["role"] == "slave" and info.get("master_link_status") != "up":
                         return False
@@ -119,7 +122,7 @@ def start_cluster(root: Path, primaries: int = 3, replicas: int = 1,
         if created.returncode != 0:
             raise AssertionError(f"redis-cli --cluster create failed: {created.stdout[-2000:]}"
                                  f"{created.stderr[-2000:]}")
-        cluster.wait_ok()
+        cluster.wait_ok(replicas=replicas)
         return cluster
     except BaseException:
         for node in nodes:
