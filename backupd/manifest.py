@@ -7,6 +7,7 @@ from disk or a bucket is untrusted input, so wrong types and bad ids raise Integ
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import secrets
@@ -15,11 +16,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from backupd import servers
+from backupd.cluster import facts as cluster_facts
+from backupd.cluster.facts import ClusterFacts
 from backupd.errors import IntegrityError, UsageError
 from backupd.storage.layout import COMPRESSION_EXT as COMPRESSION_EXT
 from backupd.storage.layout import artifact_name as artifact_name
 from backupd.storage.layout import check_id as check_id
 from backupd.storage.layout import is_valid_id as is_valid_id
+from backupd.storage.layout import shard_artifact_name
 
 FORMAT_VERSION = 1
 _ID_TIME = "%Y%m%dT%H%M%SZ"
@@ -98,7 +102,23 @@ class Manifest:
     # restore checks that they exist after the restart.
     key_sample: list[str] = field(default_factory=list)
     source: str = "volume"  # how the RDB was read: "volume" (BGSAVE file) or "replication"
+    # A cluster backup: one artifact per shard (shard 0's is `artifact`); the sizes and
+    # digests above are the shards' totals and a digest over theirs (cluster_digest).
+    cluster: ClusterFacts | None = None
     format_version: int = FORMAT_VERSION
+
+    def parts(self) -> list[Manifest]:
+        """What is stored, one view per artifact: the backup itself, or for a cluster backup
+        one single-server view per shard (its artifact, sizes, digests, keys, node)."""
+        if self.cluster is None:
+            return [self]
+        return [dataclasses.replace(
+            self, artifact=s.artifact, raw_size=s.raw_size, raw_sha256=s.raw_sha256,
+            stored_size=s.stored_size, stored_sha256=s.stored_sha256, rdb_version=s.rdb_version,
+            rdb_checksum=s.rdb_checksum, keys=s.keys, keys_per_db={"db0": s.keys},
+            key_sample=s.key_sample, cluster=None, redis=dataclasses.replace(
+                self.redis, host=s.host, port=s.port, role=s.role, version=s.version,
+                server=s.server)) for s in self.cluster.shards]
 
     @property
     def created(self) -> datetime:
@@ -127,6 +147,11 @@ _FACT_TYPES: dict[str, type] = {"version": str, "host": str, "port": int, "role"
                                 "run_id": str, "aof_enabled": bool, "server": str,
                                 "used_memory": int, "maxmemory_policy": str}
 _SAMPLE_RE = re.compile(r"\d{1,5}:[a-z]{1,16}:[0-9a-f]{32}")
+
+
+def cluster_digest(digests: list[str]) -> str:
+    """A cluster backup's top-level digest: SHA-256 over its shards' digests, in order."""
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
 
 def parse(data: bytes, expected_id: str | None = None) -> Manifest:
@@ -158,8 +183,14 @@ def parse(data: bytes, expected_id: str | None = None) -> Manifest:
         raise IntegrityError(f"{where}: field 'id' is {backup_id[:64]!r}, not the expected id")
     if values["compression"] not in COMPRESSION_EXT or values["encryption"] not in ("none", "age"):
         raise IntegrityError(f"{where}: unknown compression or encryption")
-    expected_artifact = artifact_name(backup_id, values["compression"],
-                                      values["encryption"] == "age")
+    encrypted = values["encryption"] == "age"
+    cluster = None
+    if raw.get("cluster") is not None:
+        cluster = cluster_facts.parse(raw["cluster"], where, lambda i: shard_artifact_name(
+            backup_id, i, values["compression"], encrypted))
+        values["cluster"] = cluster
+    expected_artifact = (cluster.shards[0].artifact if cluster is not None else
+                         artifact_name(backup_id, values["compression"], encrypted))
     if values["artifact"] != expected_artifact:
         raise IntegrityError(f"{where}: field 'artifact' must be {expected_artifact!r}")
     for key in ("raw_sha256", "stored_sha256"):

@@ -47,7 +47,7 @@ def pipeline() -> ModuleType:
 
 def pack(src: Path, directory: Path, compression: str, level: int, recipients: list[str]) -> None:
     from backupd import manifest as mf
-    from backupd.actions.backup import _check_stored
+    from backupd.actions.backup import check_stored
     from backupd.storage.local import LocalStorage, ensure_dir
 
     started = time.perf_counter()
@@ -68,7 +68,7 @@ def pack(src: Path, directory: Path, compression: str, level: int, recipients: l
         age_recipients=recipients)
     storage.write_manifest(manifest)
     packed_at = time.perf_counter()
-    _check_stored(storage, manifest)
+    check_stored(storage, manifest)
     done = time.perf_counter()
     print(f"work_seconds={packed_at - started:.4f} pack_seconds={pack_seconds:.4f} "
           f"readback_seconds={done - packed_at:.4f} stored_size={packed.stored.size}")

@@ -127,6 +127,10 @@ def run_backup(config: Config, *, trigger: str = "manual", tag: str = "",
     The caller holds `backup_lock` on the backup directory (`listing`: the directory's, taken
     under it; listed here when not given). `follower` reads the artifact while it is written
     (the S3 upload in parts)."""
+    if config.redis.cluster.enabled:  # one snapshot per shard, one manifest
+        from backupd.actions.cluster_backup import run_cluster_backup
+
+        return run_cluster_backup(config, trigger=trigger, tag=tag, env=env)
     started = time.monotonic()
     check_tag(tag)
     yield_cpu(config.backup.niceness)
@@ -164,7 +168,7 @@ def run_backup(config: Config, *, trigger: str = "manual", tag: str = "",
         replication={**repl_facts, **taken.facts}, sentinel=endpoint.sentinel,
         source=config.redis.source,
     )
-    _check_stored(storage, manifest)
+    check_stored(storage, manifest)
     checkpoints.reached("manifest")
     try:
         storage.write_manifest(manifest)
@@ -242,10 +246,10 @@ def _from_replication(client: redis.Redis, endpoint: Endpoint, storage: LocalSto
         stream.close()
     keys_per_db, keys_exact = count_keys(stream.head, server.keys_per_db)
     return _Taken(backup_id, moment, name, packed, server, keys_per_db, keys_exact,
-                  _sample_of(sampler), stream.facts(server.persistence))
+                  sample_of(sampler), stream.facts(server.persistence))
 
 
-def _sample_of(sampler: KeySampler) -> list[str]:
+def sample_of(sampler: KeySampler) -> list[str]:
     """The manifest's key sample (rdb_keys): digests of the first keys of each db."""
     if sampler.stopped:
         log.info("key_sample_partial", keys=len(sampler.keys), why=sampler.stopped)
@@ -270,7 +274,7 @@ def _pack_snapshot(snap: source.LiveSnapshot, dest: Path, config: Config,
                           level=config.backup.compression_level,
                           recipients=config.backup.age_recipients, follower=follower,
                           observe=sampler)
-            return packed, _sample_of(sampler)
+            return packed, sample_of(sampler)
         except (source.FollowLost, IntegrityError) as exc:
             if not snap.rewind():
                 raise
@@ -307,7 +311,7 @@ class _CheckpointReader:
             checkpoints.reached(stage)
 
 
-def _check_stored(storage: LocalStorage, manifest: Manifest) -> None:
+def check_stored(storage: LocalStorage, manifest: Manifest) -> None:
     """Read the artifact back: what is on disk must be what was written."""
     counter = Digester()
     with storage.open_artifact(manifest) as fh:

@@ -61,7 +61,9 @@ def run_cycle(config: Config, *, trigger: str = "manual", tag: str = "", prune: 
                     m for m in listing.manifests if m.id not in pending_uploaded])
         # The upload starts while the artifact is being written; it is committed only in
         # upload(), after the local manifest, and aborted if the backup fails before that.
-        stream = remote.start_upload() if remote is not None else None
+        # A cluster backup's shards are uploaded once all are committed (upload.upload).
+        streamed = remote is not None and not config.redis.cluster.enabled
+        stream = remote.start_upload() if streamed and remote is not None else None
         try:
             manifest = run_backup(config, trigger=trigger, tag=tag, env=env, follower=stream,
                                   listing=listing)

@@ -4,6 +4,8 @@ In a backup directory, and directly under an S3 prefix (no further '/'):
 
     <id>.json                      the manifest: written last, the commit marker
     <id>.rdb[.zst|.gz][.age]       the artifact (`Manifest.artifact`)
+    <id>.shard-NNN.rdb[...]        the artifact of shard NNN of a cluster backup (`Manifest.
+                                   cluster`; shard 000 is also `Manifest.artifact`)
     .<name>.tmp-<random>           a temp file being written (local only; renamed when done)
     <name> (incomplete upload <t>) an incomplete multipart upload of <name> (S3 only): `t` is
                                    the first UPLOAD_TOKEN characters of its upload id
@@ -46,6 +48,30 @@ def check_id(text: str) -> str:
 
 def artifact_name(backup_id: str, compression: str, encrypted: bool) -> str:
     return f"{backup_id}.rdb{COMPRESSION_EXT[compression]}{'.age' if encrypted else ''}"
+
+
+SHARD_MARK = ".shard-"
+MAX_SHARDS = 1000  # three digits
+
+
+def shard_artifact_name(backup_id: str, index: int, compression: str, encrypted: bool) -> str:
+    """The artifact of one shard of a cluster backup: `<id>.shard-NNN.rdb...`, ours by the
+    same rule as every name that starts with the id."""
+    if not 0 <= index < MAX_SHARDS:
+        raise UsageError(f"a cluster backup has at most {MAX_SHARDS} shards")
+    name = artifact_name(backup_id, compression, encrypted)
+    return f"{backup_id}{SHARD_MARK}{index:03d}{name[ID_LEN:]}"
+
+
+def is_artifact_name(name: str, backup_id: str, compression: str, encrypted: bool) -> bool:
+    """`name` is the artifact of backup `backup_id`, or of one of its shards."""
+    if compression not in COMPRESSION_EXT:
+        return False
+    if name == artifact_name(backup_id, compression, encrypted):
+        return True
+    index = name[ID_LEN + len(SHARD_MARK):ID_LEN + len(SHARD_MARK) + 3]
+    return (len(index) == 3 and index.isascii() and index.isdigit()
+            and name == shard_artifact_name(backup_id, int(index), compression, encrypted))
 
 
 def manifest_name(backup_id: str) -> str:

@@ -36,12 +36,13 @@ class LocalStorage:
         self.dir = directory
 
     def artifact_path(self, manifest: Manifest) -> Path:
-        # parse() already pinned `artifact` to the name derived from the id; check again anyway,
-        # since this becomes a path.
-        expected = layout.artifact_name(manifest.id, manifest.compression, manifest.encrypted)
-        if manifest.artifact != expected:
-            raise IntegrityError(f"manifest {manifest.id}: artifact must be {expected!r}")
-        return self.dir / expected
+        # parse() already pinned `artifact` to a name derived from the id; check again anyway,
+        # since this becomes a path (a cluster shard's view names its shard's artifact).
+        if not layout.is_artifact_name(manifest.artifact, manifest.id, manifest.compression,
+                                       manifest.encrypted):
+            raise IntegrityError(f"manifest {manifest.id}: artifact {manifest.artifact[:80]!r} "
+                                 "is not a name of this backup")
+        return self.dir / manifest.artifact
 
     def manifest_path(self, backup_id: str) -> Path:
         return self.dir / layout.manifest_name(backup_id)
@@ -92,10 +93,12 @@ class LocalStorage:
 
     def put(self, artifact: Path, manifest: Manifest) -> None:
         """Copy an artifact in (atomically), then commit it with its manifest."""
-        dest = self.artifact_path(manifest)
-        if artifact.resolve() != dest.resolve():
+        for part in manifest.parts():  # a cluster backup's shards lie beside `artifact`
+            source, dest = artifact.with_name(part.artifact), self.artifact_path(part)
+            if source.resolve() == dest.resolve():
+                continue
             try:
-                with open(artifact, "rb") as src, atomic_file(dest) as out:
+                with open(source, "rb") as src, atomic_file(dest) as out:
                     while chunk := src.read(CHUNK):
                         write_all(out, chunk)
             except OSError as exc:
@@ -115,7 +118,8 @@ class LocalStorage:
                 manifest = self.read_manifest(backup_id)
                 self.manifest_path(backup_id).unlink()  # first: the backup stops existing
                 checkpoints.reached("prune")
-                self.artifact_path(manifest).unlink(missing_ok=True)
+                for part in manifest.parts():
+                    self.artifact_path(part).unlink(missing_ok=True)
                 result.deleted.append(backup_id)
             except (OSError, StorageError, IntegrityError) as exc:
                 result.failed[backup_id] = str(getattr(exc, "strerror", None) or exc)
@@ -162,10 +166,13 @@ def listing_of(names: Iterable[str], read_manifest: Callable[[str], Manifest],
             # backup (as S3Storage.listing does).
             claimed.update(n for n in names if n.startswith(backup_id + "."))
             continue
-        if manifest.artifact not in present:
-            listing.broken[backup_id] = f"artifact {manifest.artifact} is missing"
+        artifacts = [part.artifact for part in manifest.parts()]
+        missing = [name for name in artifacts if name not in present]
+        if missing:
+            listing.broken[backup_id] = f"artifact {missing[0]} is missing"
+            claimed.update(artifacts)  # the shards that are there may be the only copy
             continue
-        claimed.add(manifest.artifact)
+        claimed.update(artifacts)
         listing.manifests.append(manifest)
     listing.orphans = [orphan(name) for name in names
                        if name not in claimed and layout.is_ours_local(name)]

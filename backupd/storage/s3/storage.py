@@ -127,9 +127,8 @@ class S3Storage:
 
     def artifact_key(self, manifest: Manifest) -> str:
         layout.check_id(manifest.id)
-        expected = layout.artifact_name(manifest.id, manifest.compression, manifest.encrypted) \
-            if manifest.compression in layout.COMPRESSION_EXT else None
-        if manifest.artifact != expected:
+        if not layout.is_artifact_name(manifest.artifact, manifest.id, manifest.compression,
+                                       manifest.encrypted):
             raise IntegrityError(f"manifest {manifest.id}: artifact name "
                                  f"{manifest.artifact[:80]!r} does not match the id")
         return self.prefix + manifest.artifact
@@ -197,12 +196,9 @@ class S3Storage:
                 listing.broken[backup_id] = reason
                 listing.complete = listing.complete and readable
                 continue
-            artifact = by_id[backup_id].get(manifest.artifact)
-            if artifact is None:
-                listing.broken[backup_id] = f"artifact {manifest.artifact} missing"
-            elif artifact.size != manifest.stored_size:
-                listing.broken[backup_id] = (f"artifact {manifest.artifact} is {artifact.size} "
-                                             f"bytes, the manifest says {manifest.stored_size}")
+            problem = self._parts_problem(manifest, by_id[backup_id])
+            if problem:
+                listing.broken[backup_id] = problem
             else:
                 loaded[backup_id] = manifest
         for backup_id, names in by_id.items():
@@ -210,7 +206,8 @@ class S3Storage:
                 continue
             good = loaded.get(backup_id)
             for name, key in names.items():
-                if good is not None and name in (layout.manifest_name(backup_id), good.artifact):
+                if good is not None and (name == layout.manifest_name(backup_id) or name in
+                                         {part.artifact for part in good.parts()}):
                     continue
                 if layout.parse_upload_orphan_name(name) is not None:
                     continue  # an object named like an upload's orphan is never an orphan
@@ -219,6 +216,19 @@ class S3Storage:
         listing.manifests = sorted(loaded.values(), key=lambda m: m.id, reverse=True)
         listing.orphans.sort(key=lambda o: o.name)
         return listing
+
+    @staticmethod
+    def _parts_problem(manifest: Manifest, keys: dict[str, Key]) -> str:
+        """Why the stored artifacts (one, or a cluster backup's shards) are not the
+        manifest's, or ""."""
+        for part in manifest.parts():
+            artifact = keys.get(part.artifact)
+            if artifact is None:
+                return f"artifact {part.artifact} missing"
+            if artifact.size != part.stored_size:
+                return (f"artifact {part.artifact} is {artifact.size} bytes, the manifest "
+                        f"says {part.stored_size}")
+        return ""
 
     def _upload_orphans(self) -> list[Orphan]:
         """Our incomplete multipart uploads as orphans (`modified` is when they started).
@@ -331,7 +341,25 @@ class S3Storage:
         """Upload the artifact, check it arrived (size and metadata; the SHA-256 itself when
         the server returns a full-object checksum), set Object Lock retention, then write the
         manifest (the commit). On failure nothing is committed and StorageError is raised; a
-        stray artifact left behind is an orphan for `delete_orphans`."""
+        stray artifact left behind is an orphan for `delete_orphans`. A cluster backup's
+        shards (beside `artifact`) are uploaded and checked one by one, the manifest last."""
+        parts = manifest.parts()
+        if len(parts) > 1:
+            action = f"upload of cluster backup {manifest.id} to bucket {self.bucket} failed"
+            for part in parts:
+                key, size, single = self._upload_file(artifact.with_name(part.artifact), part)
+                self._verify(key, size, part, action, single_part=single)
+                self._lock(key, part)
+            checkpoints.reached("upload")
+            self._put_manifest(manifest, action)
+            return
+        key, size, single = self._upload_file(artifact, manifest)
+        action = f"upload of backup {manifest.id} to bucket {self.bucket} failed"
+        self.commit(key, size, manifest, action, single_part=single)
+        log.debug("s3_uploaded", id=manifest.id, size=size)
+
+    def _upload_file(self, artifact: Path, manifest: Manifest) -> tuple[str, int, bool]:
+        """Upload one artifact file: (its key, its size, whether it went in one part)."""
         key = self.artifact_key(manifest)
         try:
             size = artifact.stat().st_size
@@ -351,8 +379,7 @@ class S3Storage:
                                     ExtraArgs=self._extra_args(manifest), Config=transfer)
         except BOTO_ERRORS as exc:
             raise self.reasons.error(action, exc, key) from None
-        self.commit(key, size, manifest, action, single_part=size < chunk)
-        log.debug("s3_uploaded", id=manifest.id, size=size, part_size=chunk)
+        return key, size, size < chunk
 
     def start_upload(self) -> StreamingUpload:
         """A multipart upload to feed while pack() writes the artifact (see StreamingUpload)."""
@@ -363,6 +390,12 @@ class S3Storage:
         """Check the uploaded object, set its Object Lock retention, then write the manifest
         (the commit). Whatever fails before the manifest leaves nothing committed."""
         self._verify(key, size, manifest, action, single_part=single_part, streamed=streamed)
+        self._lock(key, manifest)
+        checkpoints.reached("upload")
+        self._put_manifest(manifest, action)
+
+    def _lock(self, key: str, manifest: Manifest) -> None:
+        """Object Lock retention on an uploaded artifact (removed again when that fails)."""
         if self.cfg.object_lock_days > 0:
             try:
                 self.client.put_object_retention(
@@ -373,8 +406,6 @@ class S3Storage:
                 self._discard(key)
                 raise self.reasons.error(f"setting Object Lock retention on backup {manifest.id} "
                                   "failed", exc, key) from None
-        checkpoints.reached("upload")
-        self._put_manifest(manifest, action)
 
     def _verify(self, key: str, size: int, manifest: Manifest, action: str,
                 single_part: bool, streamed: bool = False) -> None:
