@@ -202,12 +202,16 @@ def list_cmd(state: State, as_json: bool, location: str) -> None:
     if as_json:
         click.echo(json.dumps([e.as_json() for e in found.entries], indent=2))
         return
-    rows = [("ID", "CREATED", "KEYS", "RAW", "STORED", "RDB", "SERVER", "LOCATIONS", "UPLOAD")]
+    clusters = any(e.manifest.cluster is not None for e in found.entries)
+    rows = [("ID", "CREATED", "KEYS", "RAW", "STORED", "RDB", "SERVER", "LOCATIONS", "UPLOAD",
+             *(("CLUSTER",) if clusters else ()))]
     for entry in found.entries:
         m = entry.manifest
+        shards = ((f"{len(m.cluster.shards)} shards, {m.cluster.slots_covered} slots"
+                   if m.cluster is not None else "-"),) if clusters else ()
         rows.append((m.id, m.created_at, str(m.keys), _size(m.raw_size), _size(m.stored_size),
                      str(m.rdb_version), m.redis.identity.label, ",".join(entry.locations),
-                     m.upload + (" !" if m.warnings else "")))
+                     m.upload + (" !" if m.warnings else ""), *shards))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))

@@ -50,6 +50,11 @@ class Metrics:
                           ["kind"], registry=r)
         self.keys = Gauge("backupd_backup_keys", "Keys in the last successful backup",
                           registry=r)
+        self.shards = Gauge("backupd_backup_shards", "Shards in the last successful backup "
+                            "(0: not a cluster backup)", registry=r)
+        self.slots = Gauge("backupd_backup_slots_covered", "Hash slots the last successful "
+                           "cluster backup covers (16384 when complete; 0: not a cluster)",
+                           registry=r)
         self.uploads_pending = Gauge("backupd_uploads_pending",
                                      "Local backups not yet uploaded to S3", registry=r)
         self.retention_deleted = Counter("backupd_retention_deleted",
@@ -86,6 +91,9 @@ class Metrics:
         self.size.labels(kind="raw").set(manifest.raw_size)
         self.size.labels(kind="stored").set(manifest.stored_size)
         self.keys.set(manifest.keys)
+        cluster = manifest.cluster
+        self.shards.set(len(cluster.shards) if cluster is not None else 0)
+        self.slots.set(cluster.slots_covered if cluster is not None else 0)
 
     def run_succeeded(self, duration_s: float) -> None:
         """A whole run (pending uploads, backup, upload, prune) succeeded."""

@@ -49,6 +49,8 @@ class Entry:
             "server": m.redis.server,
             "compression": m.compression, "encryption": m.encryption,
             "locations": self.locations, "upload": m.upload, "warnings": m.warnings,
+            "shards": len(m.cluster.shards) if m.cluster is not None else None,
+            "slots_covered": m.cluster.slots_covered if m.cluster is not None else None,
         }
 
 

@@ -57,6 +57,7 @@ class _ShardTaken:
     packed: PackResult
     server: source.ServerInfo
     keys: int
+    keys_exact: bool
     sample: list[str]
     snapshot_at: float
     facts: dict[str, Any]
@@ -190,8 +191,8 @@ def _snapshot(plan: _Plan, backup_id: str, storage: LocalStorage,
                       recipients=config.backup.age_recipients, observe=sampler)
     finally:
         stream.close()
-    keys_per_db, _ = single.count_keys(stream.head, server.keys_per_db)
-    return _ShardTaken(plan, name, packed, server, sum(keys_per_db.values()),
+    keys_per_db, exact = single.count_keys(stream.head, server.keys_per_db)
+    return _ShardTaken(plan, name, packed, server, sum(keys_per_db.values()), exact,
                        single.sample_of(sampler), snapshot_at,
                        {**facts, **stream.facts(server.persistence)})
 
@@ -256,7 +257,7 @@ def _manifest(backup_id: str, moment: datetime, trigger: str, tag: str,
                          maxmemory_policy=first.maxmemory_policy),
         rdb_version=newest.packed.rdb.version,
         rdb_checksum="ok" if checksums == {"ok"} else sorted(checksums - {"ok"})[0],
-        keys=keys, keys_per_db={"db0": keys}, keys_exact=False, key_sample=[],
+        keys=keys, keys_per_db={"db0": keys}, keys_exact=all(t.keys_exact for t in taken), key_sample=[],
         raw_size=raw_size, raw_sha256=mf.cluster_digest([s.raw_sha256 for s in shards]),
         stored_size=sum(s.stored_size for s in shards),
         stored_sha256=mf.cluster_digest([s.stored_sha256 for s in shards]),

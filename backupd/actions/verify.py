@@ -39,7 +39,17 @@ class Outcome:
 def verify(storage: Storage, manifest: Manifest, *, identities: Sequence[Any] = (),
            deep: bool = False, redis_check_rdb: str = "redis-check-rdb",
            scratch_dir: Path | None = None) -> Outcome:
-    """Recompute every checksum the keys allow; `deep` also runs redis-check-rdb."""
+    """Recompute every checksum the keys allow; `deep` also runs redis-check-rdb. A cluster
+    backup is verified shard by shard: one bad shard makes the whole backup bad."""
+    if manifest.cluster is not None:
+        whole = Outcome(manifest.id, storage.name)
+        for index, part in enumerate(manifest.parts()):
+            one = verify(storage, part, identities=identities, deep=deep,
+                         redis_check_rdb=redis_check_rdb, scratch_dir=scratch_dir)
+            whole.problems += [f"shard {index} ({part.artifact}): {p}" for p in one.problems]
+            whole.checked += [c for c in one.checked if c not in whole.checked]
+            whole.notes += [n for n in one.notes if n not in whole.notes]
+        return whole
     outcome = Outcome(manifest.id, storage.name)
     can_unpack = not manifest.encrypted or bool(identities)
     try:

@@ -49,6 +49,10 @@ def drill(config: Config, storage: Storage, manifest: Manifest, identities: Sequ
             f"(version {manifest.rdb_version}, {writers}; written by "
             f"{manifest.redis.identity.label}; {server.label} loads {server.loads}). Point "
             "verify.redis_server at a server that loads it (the one in production, or newer)."))
+    if manifest.cluster is not None:
+        from backupd.actions.restore.cluster_drill import drill_shards
+
+        return drill_shards(config, storage, manifest, identities, scratch_parent, server)
     with tempfile.TemporaryDirectory(prefix=".backupd-drill-", dir=scratch_parent) as tmp:
         rdb = Path(tmp) / "dump.rdb"
         with open(rdb, "wb") as fh:
