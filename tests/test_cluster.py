@@ -113,7 +113,7 @@ def test_a_missing_shard_breaks_the_backup_and_keeps_the_others(cluster: LocalCl
     config = cluster_config(tmp_path / "c.toml", cluster, backups)
     backup_id = backed_up(config, backups)["id"]
     (backups / f"{backup_id}.shard-002.rdb.zst").unlink()
-    code, out, err = cli(config, "list")
+    _, out, err = cli(config, "list")
     assert "no backups" in out and f"artifact {backup_id}.shard-002.rdb.zst" in err
     assert backed_up(config, backups)["id"] != backup_id  # the next run's leftover cleanup
     assert (backups / f"{backup_id}.shard-000.rdb.zst").exists()  # ... keeps what it can't read

@@ -149,7 +149,7 @@ def _take_all(plans: list[_Plan], backup_id: str, storage: LocalStorage,
         for future in futures:
             try:
                 results.append(future.result())
-            except BaseException as exc:  # noqa: BLE001 - raised below, after the others
+            except BaseException as exc:  # raised below, once the others ended
                 failures.append(exc)
     if failures:
         log.warning("cluster_backup_failed", id=backup_id, failed=len(failures),
@@ -174,7 +174,7 @@ def _snapshot(plan: _Plan, backup_id: str, storage: LocalStorage,
     client = source.connect_endpoint(endpoint)
     try:
         with source.redis_errors(endpoint.cfg, True):
-            node_id = str(client.execute_command("CLUSTER", "MYID"))
+            node_id = str(tp.cluster_command(client, "MYID"))
             server = source.server_info(client, endpoint.cfg)
         _check_node(plan, node_id, str(server.persistence.get("role", "")))
         facts, _ = source.replication(client, endpoint)
@@ -257,7 +257,8 @@ def _manifest(backup_id: str, moment: datetime, trigger: str, tag: str,
                          maxmemory_policy=first.maxmemory_policy),
         rdb_version=newest.packed.rdb.version,
         rdb_checksum="ok" if checksums == {"ok"} else sorted(checksums - {"ok"})[0],
-        keys=keys, keys_per_db={"db0": keys}, keys_exact=all(t.keys_exact for t in taken), key_sample=[],
+        keys=keys, keys_per_db={"db0": keys}, keys_exact=all(t.keys_exact for t in taken),
+        key_sample=[],
         raw_size=raw_size, raw_sha256=mf.cluster_digest([s.raw_sha256 for s in shards]),
         stored_size=sum(s.stored_size for s in shards),
         stored_sha256=mf.cluster_digest([s.stored_sha256 for s in shards]),

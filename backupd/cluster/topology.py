@@ -79,6 +79,11 @@ class Topology:
             raise ClusterError("slots are being migrated: " + "; ".join(self.migrating[:5]))
 
 
+def cluster_command(client: redis.Redis, *args: str) -> Any:
+    """A CLUSTER subcommand's raw reply (redis-py's parsers reshape some of them)."""
+    return client.execute_command("CLUSTER", *args)  # type: ignore[no-untyped-call]
+
+
 def seed_endpoints(cfg: RedisConfig, env: Mapping[str, str] | None = None) -> list[Endpoint]:
     base = ep.direct(cfg, env)
     out = []
@@ -115,7 +120,7 @@ def read(seeds: Sequence[Endpoint]) -> Topology:
 
 
 def _read_from(client: redis.Redis) -> Topology:
-    info = client.execute_command("CLUSTER", "INFO")
+    info = cluster_command(client, "INFO")
     text = info if isinstance(info, str) else str(info)
     if "cluster_enabled:0" in text or "cluster_state" not in text:
         raise ClusterError("the seed is not a cluster node (cluster-enabled no)")
@@ -124,11 +129,11 @@ def _read_from(client: redis.Redis) -> Topology:
         if line.startswith("cluster_current_epoch:"):
             epoch = int(line.split(":", 1)[1])
     try:
-        shards = _parse_shards(client.execute_command("CLUSTER", "SHARDS"))
+        shards = _parse_shards(cluster_command(client, "SHARDS"))
     except redis.exceptions.ResponseError as exc:
         if "unknown" not in str(exc).lower():
             raise
-        shards = _parse_slots(client.execute_command("CLUSTER", "SLOTS"))
+        shards = _parse_slots(cluster_command(client, "SLOTS"))
     return Topology(sorted(shards, key=lambda s: s.slots[0]), epoch)
 
 
@@ -170,7 +175,7 @@ def _parse_slots(reply: Any) -> list[Shard]:
     for entry in reply:
         start, end, primary, *replicas = entry
         node = Node(str(primary[2]), str(primary[0]), int(primary[1]), "master")
-        ranges, _, reps = by_primary.setdefault(node.node_id, ([], node, [
+        ranges, _, _ = by_primary.setdefault(node.node_id, ([], node, [
             Node(str(r[2]), str(r[0]), int(r[1]), "replica") for r in replicas]))
         ranges.append((int(start), int(end)))
     return [Shard(sl.normalize(r), node, reps) for r, node, reps in by_primary.values()]
@@ -183,7 +188,7 @@ def _with_migrations(base: Endpoint, topology: Topology) -> Topology:
     for shard in topology.shards:
         client = node_endpoint(base, shard.primary, shard).client()
         try:
-            nodes = str(client.execute_command("CLUSTER", "NODES"))
+            nodes = str(cluster_command(client, "NODES"))
         except (redis.exceptions.RedisError, OSError) as exc:
             raise RedisUnavailable(f"{shard.name}: cannot read CLUSTER NODES: {exc}") from None
         finally:
