@@ -404,6 +404,9 @@ def health_cmd(state: State) -> None:
 @click.option("--force-memory", is_flag=True,
               help="Restore even when the backup needs more memory than the target's "
                    "maxmemory (keys get evicted, or writes fail with OOM).")
+@click.option("--reshard", is_flag=True,
+              help="A cluster backup into a cluster of another shape: every key written to "
+                   "the primary of its slot (RESTORE ... ABSTTL); try --dry-run first.")
 @pass_state
 @handle_errors
 def restore(state: State, backup_id: str, from_: str | None, before: str | None,
@@ -411,7 +414,7 @@ def restore(state: State, backup_id: str, from_: str | None, before: str | None,
             start: bool, rollback: bool, to_time: str | None = None,
             patterns: tuple[str, ...] = (), db: int | None = None, into: str = "live",
             conflict: str = "skip", undo_run: str | None = None,
-            force_memory: bool = False) -> None:
+            force_memory: bool = False, reshard: bool = False) -> None:
     """Replace Redis's data with a backup: verified, AOF-aware, with a safety copy.
 
     With --keys, put back only the matching keys into the running server (see README
@@ -432,13 +435,16 @@ def restore(state: State, backup_id: str, from_: str | None, before: str | None,
         raise UsageError("--undo-keys takes only the run id (and --yes)")
     if not patterns and (db is not None or conflict != "skip"):
         raise UsageError("--db and --conflict go with --keys")
+    if reshard and (patterns or undo_run or rollback):
+        raise UsageError("--reshard restores a whole cluster backup: no --keys, --undo-keys "
+                         "or --rollback")
     if rollback and (backup_id != "latest" or before or from_ or dry_run or identity_file):
         raise UsageError("--rollback takes no backup ID, --before, --from, --identity-file "
                          "or --dry-run")
     opts = Options(selector=backup_id, source=from_,
                    before=parse_time(before) if before else None,
                    identity_file=identity_file, dry_run=dry_run, yes=yes,
-                   method=method, start=start, force_memory=force_memory)
+                   method=method, start=start, force_memory=force_memory, reshard=reshard)
     ui = Ui(echo=click.echo,
             confirm=lambda text: click.confirm(text, default=False, err=True),
             interactive=sys.stdin.isatty(), progress=sys.stderr.isatty())

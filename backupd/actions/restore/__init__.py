@@ -148,6 +148,10 @@ def _context(config: Config, opts: Options, ui: Ui, env: Mapping[str, str] | Non
 def restore(config: Config, opts: Options, ui: Ui,
             env: Mapping[str, str] | None = None) -> int:
     """Run `backupd restore`; returns the exit code (0), raises BackupdError otherwise."""
+    if config.redis.cluster.enabled or opts.reshard:
+        from backupd.actions.restore.cluster import restore_cluster
+
+        return restore_cluster(config, opts, ui, opts.reshard, env)
     found_live = live_journal.find(config)
     if found_live is not None and not opts.dry_run:
         raise RestoreError(live_journal.describe(config, *found_live, env))

@@ -22,6 +22,7 @@ class Options:
     method: str | None = None
     start: bool = False
     force_memory: bool = False
+    reshard: bool = False  # a cluster backup into a cluster of another shape
 
 
 @dataclass(frozen=True)

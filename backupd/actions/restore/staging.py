@@ -203,6 +203,10 @@ def fetch_and_check(selected: Selected, sink: Any, identities: Sequence[Any],
     """Stream the artifact through SHA-256, decryption, decompression and the RDB check into
     `sink` (or nowhere), and compare everything with the manifest."""
     m = selected.manifest
+    if m.cluster is not None:
+        raise UsageError(f"backup {m.id} is a cluster backup ({len(m.cluster.shards)} shards): "
+                         "restore it into a cluster ([redis.cluster] seeds, see README "
+                         "\"Redis Cluster\"); nothing was changed")
     with _Meter(m.stored_size, f"download+verify {m.id} [{selected.storage.name}]", bar) as meter, \
             selected.storage.open_artifact(m) as stored:
         marks = checkpoints.ByteMarks([(CHUNK, "restore-fetch")])
