@@ -26,7 +26,7 @@ exactly the backup's keys (those that have not expired).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,8 +254,11 @@ def _wait_replicas(config: Config, target: _Target) -> None:
         late = RestoreError(f"{shard.name}: its replicas did not catch up within "
                             f"restore.start_timeout {config.restore.start_timeout:g}s; the "
                             "primary holds the restored data")
-        polling.poll_until(synced, deadline, lambda error=late: error, first=SYNC_POLL,
-                           longest=0.5)
+        polling.poll_until(synced, deadline, _raiser(late), first=SYNC_POLL, longest=0.5)
+
+
+def _raiser(error: Exception) -> Callable[[], Exception]:
+    return lambda: error
 
 
 def plan_text(selected: Selected, topology: tp.Topology, difference: str, present: int,
