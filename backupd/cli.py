@@ -302,7 +302,16 @@ def config_check(state: State, check_remote: bool) -> None:
 
     fits, why = drill_server_fits(cfg)
     click.echo(f"# {'ok' if fits else 'WARNING'}: {why}")
-    click.echo(f"# target: {resolve(cfg.redis).describe()}")
+    if cfg.redis.cluster.enabled:
+        from backupd.cluster import topology
+
+        seeds = topology.seed_endpoints(cfg.redis)
+        found = topology.read(seeds)
+        click.echo(f"# target: Redis Cluster via {len(seeds)} seeds ({seeds[0].describe()}): "
+                   f"{len(found.shards)} shards, {found.covered} of 16384 slots covered, "
+                   f"epoch {found.epoch}")
+    else:
+        click.echo(f"# target: {resolve(cfg.redis).describe()}")
     if check_remote:
         if not cfg.s3.enabled:
             click.echo("# --check-remote: s3.bucket is not set; nothing to check")

@@ -131,8 +131,9 @@ def start_cluster(root: Path, primaries: int = 3, replicas: int = 1,
 
 
 @contextlib.contextmanager
-def local_cluster(root: Path, primaries: int = 3) -> Iterator[LocalCluster]:
-    cluster = start_cluster(root, primaries)
+def local_cluster(root: Path, primaries: int = 3,
+                  binary: str = REDIS_SERVER) -> Iterator[LocalCluster]:
+    cluster = start_cluster(root, primaries, binary=binary)
     try:
         yield cluster
     finally:

@@ -14,12 +14,19 @@ import pytest
 from backupd.cluster import slots as sl
 from backupd.errors import IntegrityError
 from backupd.manifest import parse
-from tests.cluster_topology import LocalCluster, cluster_config, fill_cluster, start_cluster
+from tests.cluster_topology import (
+    LocalCluster,
+    cluster_config,
+    fill_cluster,
+    local_cluster,
+    start_cluster,
+)
 from tests.conftest import (
     PASSWORD,
     S3_ENV,
     S3_SECRET,
     RedisServer,
+    Server,
     last_line,
     run_cli,
     s3_section,
@@ -212,3 +219,29 @@ dir = "{tmp_path / 'b'}"
 """.replace('source = "replication"\nsource = "volume"', 'source = "volume"'))
     code, _, err = cli(config, "config", "check")
     assert code == 2 and message in err, err
+
+
+def test_config_check_describes_the_cluster(cluster: LocalCluster, tmp_path: Path) -> None:
+    code, out, err = cli(cluster_config(tmp_path / "c.toml", cluster, tmp_path / "b"),
+                         "config", "check")
+    assert code == 0, err
+    assert "# target: Redis Cluster via 2 seeds" in out and "3 shards, 16384 of 16384" in out
+    assert "# ok: drill server" in out
+
+
+@pytest.mark.matrix
+def test_backup_and_drill_on_every_server(server_under_test: Server, tmp_path: Path) -> None:
+    """Redis 7.0, Redis 8.2 and Valkey 8.1 clusters (CLUSTER SHARDS, RDB versions)."""
+    with local_cluster(tmp_path / "cluster", binary=server_under_test.binary) as made:
+        fill_cluster(made)
+        backups = tmp_path / "backups"
+        config = cluster_config(tmp_path / "c.toml", made, backups, extra=(
+            f'[verify]\nredis_server = "{server_under_test.binary}"\n'
+            f'redis_check_rdb = "{server_under_test.check_rdb}"\n'))
+        manifest = backed_up(config, backups)
+        assert manifest["rdb_version"] == server_under_test.rdb_version
+        assert manifest["redis"]["server"] == server_under_test.kind  # type: ignore[index]
+        code, out, err = cli(config, "verify", "--drill")
+        assert code == 0 and f"{KEYS} keys, every key in its shard's slots" in out, out + err
+        code, out, err = cli(config, "restore", str(manifest["id"]), "--yes")
+        assert code == 0 and f"restored {KEYS} keys" in out, err

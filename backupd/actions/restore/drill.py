@@ -103,7 +103,12 @@ def drill_server_fits(config: Config) -> tuple[bool, str]:
     except RestoreError as exc:
         return False, f"drill server {binary}: {exc}"
     try:
-        client = source.connect(config.redis)
+        if config.redis.cluster.enabled:  # a seed: the nodes run one version
+            from backupd.cluster.topology import seed_endpoints
+
+            client = source.connect_endpoint(seed_endpoints(config.redis)[0])
+        else:
+            client = source.connect(config.redis)
         try:
             with source.redis_errors(config.redis, True):
                 production = servers.from_info(client.info("server"))
