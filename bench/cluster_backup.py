@@ -1,6 +1,7 @@
 """`python -m bench.cluster_backup`: `backupd backup` of a 3-primary Redis Cluster against
 `backupd backup` of its biggest shard alone (both redis.source = "replication"), alternately
-(the row "cluster backup vs the slowest shard" of docs/benchmarks.md; target <= 1.2x).
+(the row "cluster backup vs the slowest shard" of docs/benchmarks.md; target <= 1.2x), and
+the same cluster one shard at a time (`redis.cluster.parallel = 1`).
 
 Each primary is filled with DEBUG POPULATE under a hash tag of its own slots (so every key
 is where the cluster would put it); shard 0 gets the most data, so its single backup is the
@@ -54,11 +55,11 @@ def fill(nodes: list[RedisServer], mib: int) -> None:
         conn.close()
 
 
-def config(path: Path, backups: Path, body: str) -> Path:
+def config(path: Path, backups: Path, body: str, compression: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f'[redis]\nsource = "replication"\nsave_timeout = "10m"\n{body}\n'
-                    f'[backup]\ndir = "{backups}"\ncompression = "zstd"\n'
-                    'compression_level = 3\n')
+                    f'[backup]\ndir = "{backups}"\ncompression = "{compression}"\n'
+                    f'compression_level = {3 if compression == "zstd" else 0}\n')
     return path
 
 
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--mib", type=int, default=100, help="MiB of values in shard 0")
     parser.add_argument("--primaries", type=int, default=3)
+    parser.add_argument("--compression", default="zstd", choices=("zstd", "none"))
     args = parser.parse_args(argv)
     lab = Lab(args.runs)
     nodes = start_cluster(lab, args.primaries)
@@ -75,24 +77,34 @@ def main(argv: list[str] | None = None) -> int:
         seeds = ", ".join(f'"127.0.0.1:{n.port}"' for n in nodes[:2])
         whole_dir, one_dir = lab.path("backups-cluster"), lab.path("backups-shard0")
         whole = config(lab.path("config", "cluster.toml"), whole_dir,
-                       f"\n[redis.cluster]\nseeds = [{seeds}]\n")
+                       f"\n[redis.cluster]\nseeds = [{seeds}]\n", args.compression)
+        serial_dir = lab.path("backups-serial")
+        serial = config(lab.path("config", "serial.toml"), serial_dir,
+                        f"\n[redis.cluster]\nseeds = [{seeds}]\nparallel = 1\n",
+                        args.compression)
         one = config(lab.path("config", "shard0.toml"), one_dir,
-                     f'host = "127.0.0.1"\nport = {nodes[0].port}\ndata_dir = "/nonexistent"\n')
+                     f'host = "127.0.0.1"\nport = {nodes[0].port}\ndata_dir = "/nonexistent"\n',
+                     args.compression)
         contenders = [
             Contender(Series("backupd backup (cluster)", f"{args.primaries} shards"),
                       partial(lab.measure, [*BACKUPD, "-c", str(whole), "backup"]),
                       partial(clear_dir, whole_dir)),
             Contender(Series("backupd backup (shard 0 alone)", "the slowest shard"),
                       partial(lab.measure, [*BACKUPD, "-c", str(one), "backup"]),
-                      partial(clear_dir, one_dir))]
+                      partial(clear_dir, one_dir)),
+            Contender(Series("backupd backup (cluster, parallel = 1)", "one shard at a time"),
+                      partial(lab.measure, [*BACKUPD, "-c", str(serial), "backup"]),
+                      partial(clear_dir, serial_dir))]
         alternate(args.runs, contenders)
-        cluster, shard = (c.series for c in contenders)
-        print(f"[bench] cluster of {args.primaries} ({args.mib} MiB in shard 0): cluster "
+        cluster, shard, one_by_one = (c.series for c in contenders)
+        print(f"[bench] cluster of {args.primaries} ({args.mib} MiB in shard 0, "
+              f"{args.compression}): cluster "
               f"{cluster.median():.2f}s (rss {cluster.median('rss_mib'):.0f} MiB) vs shard 0 "
               f"{shard.median():.2f}s (rss {shard.median('rss_mib'):.0f} MiB): ratio "
               f"{cluster.median() / shard.median():.2f}; runs "
               f"{[round(v, 2) for v in cluster.values()]} vs "
-              f"{[round(v, 2) for v in shard.values()]}")
+              f"{[round(v, 2) for v in shard.values()]}; parallel = 1 "
+              f"{one_by_one.median():.2f}s {[round(v, 2) for v in one_by_one.values()]}")
     finally:
         for node in nodes:
             node.stop()

@@ -245,3 +245,30 @@ def test_backup_and_drill_on_every_server(server_under_test: Server, tmp_path: P
         assert code == 0 and f"{KEYS} keys, every key in its shard's slots" in out, out + err
         code, out, err = cli(config, "restore", str(manifest["id"]), "--yes")
         assert code == 0 and f"restored {KEYS} keys" in out, err
+
+
+BACKUP_ACL = ["on", f">{PASSWORD}", "+ping", "+info", "+replconf", "+sync", "+psync",
+              "+cluster|info", "+cluster|shards", "+cluster|slots", "+cluster|nodes",
+              "+cluster|myid"]
+RESTORE_ACL = ["+flushall", "+restore", "+dbsize", "+time", "~*"]
+
+
+def test_the_readme_acl_is_enough_on_every_node(cluster: LocalCluster, tmp_path: Path) -> None:
+    for node in cluster.running():
+        node.client().acl_setuser("backup", reset=True)
+        node.client().execute_command("ACL", "SETUSER", "backup", *BACKUP_ACL)
+    backups = tmp_path / "backups"
+    config = cluster_config(tmp_path / "c.toml", cluster, backups,
+                            redis_extra='username = "backup"')
+    try:
+        backup_id = backed_up(config, backups)["id"]
+        code, _, err = cli(config, "restore", str(backup_id), "--yes")
+        assert code == 1 and "+flushall +restore +dbsize +time ~*" in err, err  # not yet
+        assert backed_up(config, backups)["keys"] == KEYS  # refused before anything changed
+        for node in cluster.running():
+            node.client().execute_command("ACL", "SETUSER", "backup", *RESTORE_ACL)
+        code, out, err = cli(config, "restore", str(backup_id), "--yes")
+        assert code == 0 and f"restored {KEYS} keys" in out, err
+    finally:
+        for node in cluster.running():
+            node.client().acl_deluser("backup")

@@ -25,8 +25,9 @@ exactly the backup's keys (those that have not expired).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,11 +46,20 @@ from backupd.cluster import topology as tp
 from backupd.cluster.facts import ShardFacts
 from backupd.config import Config
 from backupd.endpoint import Endpoint
-from backupd.errors import ClusterError, RedisUnavailable, RestoreError, UsageError
+from backupd.errors import (
+    BackupdError,
+    ClusterError,
+    RedisAuthError,
+    RedisUnavailable,
+    RestoreError,
+    UsageError,
+)
 from backupd.manifest import Manifest
 
 log = structlog.get_logger("backupd.restore.cluster")
 SYNC_POLL = 0.05
+PROBE_PAYLOAD = b"\x00\x00" + b"\xff" * 8  # RDB version 0, a CRC64 that is not its own
+RESTORE_GRANTS = "+flushall +restore +dbsize +time ~*"
 
 
 @dataclass
@@ -110,26 +120,56 @@ def restore_cluster(config: Config, opts: Options, ui: Ui, reshard: bool,
                            f"{difference}; nothing was changed. Restore with --reshard to write "
                            "every key through the target's slot map")
     target = _Target(topology, seeds[0])
-    target.open()
     try:
-        _check_servers(config, m, target)
-        present = sum(int(c.dbsize()) for _, c in target.primaries())
-        ui.echo(plan_text(selected, topology, difference, present, opts.dry_run))
-        if opts.dry_run:
-            return 0
-        if not opts.yes and not ui.confirm(
-                f"Replace all {present} keys of the cluster with the {m.keys} keys of backup "
-                f"{m.id}?"):
-            raise RestoreError("restore cancelled; nothing was changed")
-        with backup_lock(Path(config.backup.dir)):
-            safety = _safety_backup(config, m, present, env)
+        with _redis_errors():
+            return _restore_into(config, opts, ui, selected, identities, target, difference,
+                                 env)
+    finally:
+        target.close()
+
+
+@contextlib.contextmanager
+def _redis_errors() -> Iterator[None]:
+    try:
+        yield
+    except redis.exceptions.NoPermissionError as exc:
+        raise RedisAuthError(f"the ACL user lacks a permission for the cluster restore: {exc}. "
+                             f"Grant, on every node: {RESTORE_GRANTS} (README \"Redis "
+                             "Cluster\")") from None
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise RedisUnavailable(f"lost a connection to the target cluster: {exc}") from None
+    except redis.exceptions.ResponseError as exc:
+        raise RestoreError(f"the target cluster answered with an error: {exc}") from None
+
+
+def _restore_into(config: Config, opts: Options, ui: Ui, selected: Selected,
+                  identities: Sequence[Any], target: _Target, difference: str,
+                  env: Mapping[str, str] | None) -> int:
+    m, topology = selected.manifest, target.topology
+    target.open()
+    _check_servers(config, m, target)
+    present = sum(int(c.dbsize()) for _, c in target.primaries())
+    ui.echo(plan_text(selected, topology, difference, present, opts.dry_run))
+    if opts.dry_run:
+        return 0
+    if not opts.yes and not ui.confirm(
+            f"Replace all {present} keys of the cluster with the {m.keys} keys of backup "
+            f"{m.id}?"):
+        raise RestoreError("restore cancelled; nothing was changed")
+    _probe_restore(target)
+    with backup_lock(Path(config.backup.dir)):
+        safety = _safety_backup(config, m, present, env)
+        try:
             for _, client in target.primaries():
                 client.flushall()
             written = _write_all(config, selected, identities, target, ui)
             _wait_replicas(config, target)
-        total = sum(int(c.dbsize()) for _, c in target.primaries())
-    finally:
-        target.close()
+        except (BackupdError, redis.exceptions.RedisError) as exc:
+            if not safety:
+                raise
+            raise RestoreError(f"{exc}; the cluster's data from before this restore is backup "
+                               f"{safety} (backupd restore {safety})") from None
+    total = sum(int(c.dbsize()) for _, c in target.primaries())
     if total != written.keys:
         raise RestoreError(f"the cluster holds {total} keys after the restore, {written.keys} "
                            "were written (clients wrote meanwhile?)")
@@ -161,6 +201,22 @@ def _check_servers(config: Config, m: Manifest, target: _Target) -> None:
             raise RedisUnavailable(f"{shard.name}: {exc}") from None
         check_payload_fits(throwaway, config.verify.redis_server,
                            servers.from_info({str(k): v for k, v in info.items()}))
+
+
+def _probe_restore(target: _Target) -> None:
+    """RESTORE of a key of each primary's slots with a payload no server accepts: refused
+    for its checksum when the ACL allows it, with NOPERM when not; nothing is written."""
+    for shard, client in target.primaries():
+        tag = next(f"{{p{n}}}" for n in range(1 << 20)
+                   if sl.contains(shard.slots, sl.keyslot(f"p{n}".encode())))
+        try:
+            client.execute_command("RESTORE", f"backupd:probe:{tag}", 0,  # type: ignore[no-untyped-call]
+                                   PROBE_PAYLOAD)
+        except redis.exceptions.NoPermissionError:
+            raise
+        except redis.exceptions.ResponseError:
+            continue  # the bogus payload refused: RESTORE of that key is allowed
+        client.delete(f"backupd:probe:{tag}")  # not expected: the payload cannot load
 
 
 def _safety_backup(config: Config, m: Manifest, present: int,
