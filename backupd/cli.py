@@ -458,6 +458,9 @@ def restore(state: State, backup_id: str, from_: str | None, before: str | None,
             confirm=lambda text: click.confirm(text, default=False, err=True),
             interactive=sys.stdin.isatty(), progress=sys.stderr.isatty())
     cfg = state.config()
+    if cfg.redis.cluster.enabled and (patterns or undo_run or rollback):
+        raise UsageError("--keys, --undo-keys and --rollback do not work on a cluster yet: "
+                         "restore the whole cluster backup (README \"Redis Cluster\")")
     if undo_run:
         sys.exit(selective.undo(cfg, undo_run, yes, ui))
     if patterns:

@@ -272,3 +272,35 @@ def test_the_readme_acl_is_enough_on_every_node(cluster: LocalCluster, tmp_path:
     finally:
         for node in cluster.running():
             node.client().acl_deluser("backup")
+
+
+def test_an_encrypted_cluster_backup_verifies_drills_and_restores_with_the_identity(
+        cluster: LocalCluster, tmp_path: Path) -> None:
+    from pyrage import x25519
+
+    identity = x25519.Identity.generate()
+    key = tmp_path / "key.txt"
+    key.write_text(f"{identity}\n")
+    backups = tmp_path / "backups"
+    config = cluster_config(tmp_path / "c.toml", cluster, backups,
+                            extra=f'age_recipients = ["{identity.to_public()}"]')
+    backup_id = str(backed_up(config, backups)["id"])
+    assert sorted(p.name for p in backups.glob("*.age")) == [
+        f"{backup_id}.shard-00{i}.rdb.zst.age" for i in range(3)]
+    code, out, _ = cli(config, "verify", backup_id)
+    assert code == 0 and "give --identity-file" in out
+    code, out, err = cli(config, "verify", backup_id, "--drill", "--identity-file", str(key))
+    assert code == 0 and "loaded 3 shards" in out, out + err
+    code, out, err = cli(config, "restore", backup_id, "--yes")
+    assert code == 2 and "--identity-file" in err, err
+    code, out, err = cli(config, "restore", backup_id, "--yes", "--identity-file", str(key))
+    assert code == 0 and f"restored {KEYS} keys" in out, err
+    assert str(identity) not in out + err
+
+
+def test_selective_restore_and_rollback_are_refused_on_a_cluster(cluster: LocalCluster,
+                                                                 tmp_path: Path) -> None:
+    config = cluster_config(tmp_path / "c.toml", cluster, tmp_path / "b")
+    for args in (["--keys", "key:*", "--yes"], ["--rollback", "--yes"]):
+        code, _, err = cli(config, "restore", *args)
+        assert code == 2 and "do not work on a cluster yet" in err, err
