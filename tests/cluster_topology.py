@@ -14,6 +14,7 @@ from pathlib import Path
 import redis
 
 from tests.conftest import PASSWORD, REDIS_SERVER, RedisServer, free_port, wait_until
+from tests.topology import CA, TLSServer, tls_options
 
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 NODE_TIMEOUT_MS = 2000  # a failover takes a few seconds, not the default 15
@@ -32,6 +33,10 @@ class ClusterNode(RedisServer):
                 "--cluster-config-file", str(self.dir / "nodes.conf"),
                 "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--masterauth", PASSWORD,
                 "--repl-diskless-sync-delay", "0", "--cluster-require-full-coverage", "yes"]
+
+
+class TLSClusterNode(ClusterNode, TLSServer):
+    """A cluster node on TLS only: clients, replication and the cluster bus."""
 
 
 @dataclass
@@ -69,7 +74,8 @@ class LocalCluster:
     def cluster_client(self) -> redis.RedisCluster:
         node = self.running()[0]
         return redis.RedisCluster(host="127.0.0.1", port=node.port, password=PASSWORD,
-                                  decode_responses=True, socket_timeout=10, protocol=2)
+                                  decode_responses=True, socket_timeout=10, protocol=2,
+                                  ssl=isinstance(node, TLSClusterNode), ssl_cert_reqs="none")
 
     def wait_ok(self, timeout: float = 60, replicas: int = 1) -> None:
         """Every running node says cluster_state:ok, sees the same slot owners and `replicas`
@@ -104,19 +110,30 @@ class LocalCluster:
 
 
 def start_cluster(root: Path, primaries: int = 3, replicas: int = 1,
-                  binary: str = REDIS_SERVER) -> LocalCluster:
-    """Start the nodes and join them into a cluster; the caller stops it (LocalCluster.stop)."""
-    nodes = []
+                  binary: str = REDIS_SERVER, ca: CA | None = None) -> LocalCluster:
+    """Start the nodes and join them into a cluster; the caller stops it (LocalCluster.stop).
+    With `ca`: TLS only (tls-cluster, tls-replication), certificates from that CA."""
+    nodes: list[ClusterNode] = []
+    tls: list[str] = []
     try:
+        pem = ca.issue("localhost") if ca is not None else None
         for i in range(primaries * (1 + replicas)):
             data = root / f"node{i}"
             data.mkdir(parents=True)
-            node = ClusterNode(data, free_port(), PASSWORD, binary=binary)
+            port = free_port()
+            if ca is not None and pem is not None:
+                node: ClusterNode = TLSClusterNode(data, port, PASSWORD, [
+                    *tls_options(ca, pem, port, auth_clients=False), "--tls-cluster", "yes",
+                    "--tls-replication", "yes"], binary=binary)
+                node.ca = ca
+                tls = ["--tls", "--cacert", str(ca.pem.cert)]
+            else:
+                node = ClusterNode(data, port, PASSWORD, binary=binary)
             node.start()
             nodes.append(node)
         cluster = LocalCluster(nodes)
         created = subprocess.run(
-            [REDIS_CLI, "--no-auth-warning", "-a", PASSWORD, "--cluster", "create",
+            [REDIS_CLI, *tls, "--no-auth-warning", "-a", PASSWORD, "--cluster", "create",
              *[f"127.0.0.1:{n.port}" for n in nodes], "--cluster-replicas", str(replicas),
              "--cluster-yes"], capture_output=True, text=True, timeout=120, check=False)
         if created.returncode != 0:

@@ -304,3 +304,28 @@ def test_selective_restore_and_rollback_are_refused_on_a_cluster(cluster: LocalC
     for args in (["--keys", "key:*", "--yes"], ["--rollback", "--yes"]):
         code, _, err = cli(config, "restore", *args)
         assert code == 2 and "do not work on a cluster yet" in err, err
+
+
+def test_a_tls_cluster_is_backed_up_and_restored_over_tls(tmp_path: Path) -> None:
+    """TLS only (clients, replication, bus): the nodes' TLS ports from CLUSTER SHARDS, the
+    certificate checked against the CA for each node as for one server."""
+    from tests.topology import CA
+
+    ca = CA(tmp_path / "ca")
+    made = start_cluster(tmp_path / "cluster", replicas=0, ca=ca)
+    try:
+        fill_cluster(made)
+        backups = tmp_path / "backups"
+        config = cluster_config(tmp_path / "c.toml", made, backups, redis_extra=(
+            f'tls = true\ntls_ca_file = "{ca.pem.cert}"'))
+        manifest = backed_up(config, backups)
+        assert manifest["keys"] == KEYS
+        code, out, err = cli(config, "verify", "--drill")
+        assert code == 0 and "loaded 3 shards" in out, out + err
+        code, out, err = cli(config, "restore", str(manifest["id"]), "--yes")
+        assert code == 0 and f"restored {KEYS} keys" in out, err
+        plain = cluster_config(tmp_path / "plain.toml", made, backups)
+        code, _, err = cli(plain, "backup")
+        assert code == 1 and "no cluster seed answered" in err, err
+    finally:
+        made.stop()

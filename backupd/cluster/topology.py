@@ -106,7 +106,7 @@ def read(seeds: Sequence[Endpoint]) -> Topology:
     for seed in seeds:
         client = seed.client()
         try:
-            topology = _read_from(client)
+            topology = _read_from(client, seed.tls is not None)
         except (redis.exceptions.RedisError, OSError) as exc:
             errors.append(f"{seed.where}: {exc}")
             continue
@@ -119,7 +119,7 @@ def read(seeds: Sequence[Endpoint]) -> Topology:
     raise RedisUnavailable("no cluster seed answered: " + "; ".join(errors))
 
 
-def _read_from(client: redis.Redis) -> Topology:
+def _read_from(client: redis.Redis, tls: bool) -> Topology:
     info = cluster_command(client, "INFO")
     text = info if isinstance(info, str) else str(info)
     if "cluster_enabled:0" in text or "cluster_state" not in text:
@@ -129,7 +129,7 @@ def _read_from(client: redis.Redis) -> Topology:
         if line.startswith("cluster_current_epoch:"):
             epoch = int(line.split(":", 1)[1])
     try:
-        shards = _parse_shards(cluster_command(client, "SHARDS"))
+        shards = _parse_shards(cluster_command(client, "SHARDS"), tls)
     except redis.exceptions.ResponseError as exc:
         if "unknown" not in str(exc).lower():
             raise
@@ -143,23 +143,25 @@ def _pairs(flat: Any) -> dict[str, Any]:
     return {str(flat[i]): flat[i + 1] for i in range(0, len(flat) - 1, 2)}
 
 
-def _node(raw: Any) -> Node:
+def _node(raw: Any, tls: bool) -> Node:
+    """A node of CLUSTER SHARDS, at its TLS port when backupd speaks TLS."""
     fields = _pairs(raw)
     host = str(fields.get("endpoint") or "")
     if host in ("", "?"):
         host = str(fields.get("ip", ""))
-    port = int(fields.get("port") or fields.get("tls-port") or 0)
+    ports = ("tls-port", "port") if tls else ("port", "tls-port")
+    port = int(fields.get(ports[0]) or fields.get(ports[1]) or 0)
     return Node(str(fields["id"]), host, port, str(fields.get("role", "")),
                 str(fields.get("health", "online")))
 
 
-def _parse_shards(reply: Any) -> list[Shard]:
+def _parse_shards(reply: Any, tls: bool) -> list[Shard]:
     shards = []
     for raw in reply:
         fields = _pairs(raw)
         flat = [int(v) for v in fields.get("slots", [])]
         ranges = sl.normalize((flat[i], flat[i + 1]) for i in range(0, len(flat) - 1, 2))
-        nodes = [_node(n) for n in fields.get("nodes", [])]
+        nodes = [_node(n, tls) for n in fields.get("nodes", [])]
         primaries = [n for n in nodes if n.role == "master"]
         if not ranges:
             continue  # a primary without slots (a new node, or one emptied by a reshard)
