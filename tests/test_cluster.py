@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from backupd.cluster import slots as sl
-from backupd.errors import IntegrityError
+from backupd.errors import IntegrityError, UsageError
 from backupd.manifest import parse
 from tests.cluster_topology import (
     LocalCluster,
@@ -84,6 +84,8 @@ def test_backup_covers_every_slot_and_names_each_shard(cluster: LocalCluster,
     assert facts["slots_covered"] == sl.SLOTS and facts["epoch"] >= 1
     assert 0 <= facts["spread_s"] < 10
     assert [s["keys"] for s in shards] == [p.client().dbsize() for p in primaries]
+    assert [s["master_replid"] for s in shards] == [
+        p.client().info("replication")["master_replid"] for p in primaries]
     assert manifest["keys"] == KEYS and manifest["upload"] == "none"
     for shard in shards:
         path = backups / shard["artifact"]
@@ -329,3 +331,52 @@ def test_a_tls_cluster_is_backed_up_and_restored_over_tls(tmp_path: Path) -> Non
         assert code == 1 and "no cluster seed answered" in err, err
     finally:
         made.stop()
+
+
+def test_shard_names_are_ours_and_derived_from_the_id() -> None:
+    from backupd.storage import layout
+
+    backup_id = "20261203T120000Z-abc123"
+    name = layout.shard_artifact_name(backup_id, 7, "zstd", True)
+    assert name == f"{backup_id}.shard-007.rdb.zst.age"
+    assert layout.owner(name) == backup_id and layout.is_ours_local(name)
+    assert layout.is_artifact_name(name, backup_id, "zstd", True)
+    for wrong in (f"{backup_id}.shard-7.rdb.zst.age", f"{backup_id}.shard-007.rdb.zst",
+                  f"{backup_id}.shard-../x", f"{backup_id}.shard-00a.rdb.zst.age",
+                  "20261203T120000Z-abc124.shard-007.rdb.zst.age"):
+        assert not layout.is_artifact_name(wrong, backup_id, "zstd", True), wrong
+    with pytest.raises(UsageError):
+        layout.shard_artifact_name(backup_id, 1000, "zstd", False)
+
+
+def test_metrics_show_shards_and_slot_coverage(cluster: LocalCluster, tmp_path: Path) -> None:
+    from backupd.metrics import Metrics
+
+    backups = tmp_path / "backups"
+    raw = backed_up(cluster_config(tmp_path / "c.toml", cluster, backups), backups)
+    metrics = Metrics()
+    metrics.backup_committed(parse(json.dumps(raw).encode(), str(raw["id"])))
+    text = metrics.exposition().decode()
+    assert "backupd_backup_shards 3.0" in text
+    assert "backupd_backup_slots_covered 16384.0" in text
+
+
+def test_a_shard_missing_in_the_bucket_breaks_that_backup_there(
+        cluster: LocalCluster, tmp_path: Path, moto_endpoint: str, bucket: str) -> None:
+    import boto3
+
+    backups = tmp_path / "backups"
+    config = cluster_config(tmp_path / "c.toml", cluster, backups,
+                            s3_section(moto_endpoint, bucket))
+    code, out, err = cli(config, "backup")
+    assert code == 0, err
+    backup_id = last_line(out)
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1",
+                      aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"])
+    s3.delete_object(Bucket=bucket, Key=f"redis/prod/{backup_id}.shard-001.rdb.zst")
+    code, out, err = cli(config, "list", "--location", "s3")
+    assert "no backups" in out and f"{backup_id}.shard-001.rdb.zst missing" in err, err
+    code, out, err = cli(config, "prune")
+    assert code == 0, err
+    assert f"redis/prod/{backup_id}.shard-000.rdb.zst" in keys(moto_endpoint, bucket)

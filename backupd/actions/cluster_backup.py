@@ -31,7 +31,7 @@ from backupd.cluster.facts import ClusterFacts, ShardFacts
 from backupd.config import Config
 from backupd.discovery import check_replica
 from backupd.endpoint import Endpoint
-from backupd.errors import BackupdError, ClusterError, StaleReplica, StorageError
+from backupd.errors import BackupdError, ClusterError, StorageError
 from backupd.manifest import Manifest, RedisFacts
 from backupd.pipeline import PackResult, pack
 from backupd.rdb_keys import KeySampler
@@ -127,7 +127,7 @@ def _plan(index: int, shard: tp.Shard, base: Endpoint, config: Config) -> _Plan:
             finally:
                 client.close()
             check_replica(info, config.redis, endpoint.where)
-        except (StaleReplica, BackupdError) as exc:
+        except BackupdError as exc:  # StaleReplica too
             why = str(exc)
             continue
         return _Plan(index, shard, node, endpoint)
@@ -240,7 +240,9 @@ def _manifest(backup_id: str, moment: datetime, trigger: str, tag: str,
         stored_size=t.packed.stored.size, stored_sha256=t.packed.stored.sha256,
         rdb_version=t.packed.rdb.version, rdb_checksum=t.packed.rdb.checksum,
         version=t.server.facts.version, server=t.server.facts.server,
-        snapshot_at=round(t.snapshot_at, 3), key_sample=t.sample) for t in taken]
+        snapshot_at=round(t.snapshot_at, 3), key_sample=t.sample,
+        master_replid=str(t.facts.get("master_replid", "")),
+        master_repl_offset=int(t.facts.get("master_repl_offset") or 0)) for t in taken]
     starts = [t.snapshot_at for t in taken]
     cluster = ClusterFacts(epoch=before.epoch, spread_s=round(max(starts) - min(starts), 3),
                            slots_covered=before.covered, shards=shards)

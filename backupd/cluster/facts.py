@@ -36,6 +36,8 @@ class ShardFacts:
     version: str = ""  # the node's server version
     server: str = "redis"
     snapshot_at: float = 0.0  # unix time the node started sending its snapshot
+    master_replid: str = ""  # the replication id and offset the snapshot is at
+    master_repl_offset: int = 0
     key_sample: list[str] = field(default_factory=list)
 
     @property
@@ -58,7 +60,8 @@ _SHARD_TYPES: dict[str, type | tuple[type, ...]] = {
     "index": int, "artifact": str, "node_id": str, "primary_id": str, "host": str, "port": int,
     "role": str, "keys": int, "raw_size": int, "raw_sha256": str, "stored_size": int,
     "stored_sha256": str, "rdb_version": int, "rdb_checksum": str, "version": str,
-    "server": str, "snapshot_at": (int, float),
+    "server": str, "snapshot_at": (int, float), "master_replid": str,
+    "master_repl_offset": int,
 }
 
 
@@ -86,7 +89,7 @@ def parse(raw: Any, where: str, artifact_of: Any) -> ClusterFacts:
             raise IntegrityError(f"{at} is not an object")
         values = _typed(item, _SHARD_TYPES, at)
         missing = [k for k in _SHARD_TYPES if k not in values and k not in
-                   ("version", "server", "snapshot_at")]
+                   ("version", "server", "snapshot_at", "master_replid", "master_repl_offset")]
         if missing:
             raise IntegrityError(f"{at}: fields {missing} are missing")
         if values["index"] != index or values["artifact"] != artifact_of(index):
