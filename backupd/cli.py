@@ -306,10 +306,14 @@ def config_check(state: State, check_remote: bool) -> None:
         from backupd.cluster import topology
 
         seeds = topology.seed_endpoints(cfg.redis)
-        found = topology.read(seeds)
+        try:
+            found = topology.read(seeds)
+            shape = (f"{len(found.shards)} shards, {found.covered} of 16384 slots covered, "
+                     f"epoch {found.epoch}")
+        except BackupdError as exc:  # the configuration is valid: say what is wrong now
+            shape = f"WARNING: cannot read the slot map: {exc}"
         click.echo(f"# target: Redis Cluster via {len(seeds)} seeds ({seeds[0].describe()}): "
-                   f"{len(found.shards)} shards, {found.covered} of 16384 slots covered, "
-                   f"epoch {found.epoch}")
+                   f"{shape}")
     else:
         click.echo(f"# target: {resolve(cfg.redis).describe()}")
     if check_remote:

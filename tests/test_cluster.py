@@ -380,3 +380,14 @@ def test_a_shard_missing_in_the_bucket_breaks_that_backup_there(
     code, out, err = cli(config, "prune")
     assert code == 0, err
     assert f"redis/prod/{backup_id}.shard-000.rdb.zst" in keys(moto_endpoint, bucket)
+
+
+def test_config_check_of_an_unreachable_cluster_is_a_warning(tmp_path: Path) -> None:
+    from tests.test_offsite import closed_port
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'[redis]\nsource = "replication"\n[redis.cluster]\n'
+                      f'seeds = ["127.0.0.1:{closed_port()}"]\n[backup]\ndir = "{tmp_path}/b"\n')
+    code, out, err = cli(config, "config", "check")
+    assert code == 0, err
+    assert "WARNING: cannot read the slot map: no cluster seed answered" in out
