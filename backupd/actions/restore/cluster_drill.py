@@ -4,17 +4,13 @@ shard held (a shard file restored onto the wrong node would serve nothing)."""
 
 from __future__ import annotations
 
-import sys
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from backupd.actions.restore.drill import DrillResult
-from backupd.actions.restore.staging import Selected, fetch_and_check
+from backupd.actions.restore.drill import DrillResult, drilled
 from backupd.actions.restore.swap import check_loaded
 from backupd.cluster import slots as sl
 from backupd.config import Config
@@ -30,32 +26,23 @@ MISPLACED_SHOWN = 3
 def drill_shards(config: Config, storage: Storage, manifest: Manifest,
                  identities: Sequence[Any], scratch_parent: Path | None,
                  server: ServerId) -> DrillResult:
-    from backupd.controllers.throwaway import throwaway_server
-
     assert manifest.cluster is not None
     loaded_total = 0
     for shard, part in zip(manifest.cluster.shards, manifest.parts(), strict=True):
-        with tempfile.TemporaryDirectory(prefix=".backupd-drill-", dir=scratch_parent) as tmp:
-            rdb = Path(tmp) / "dump.rdb"
-            with open(rdb, "wb") as fh:
-                fetch_and_check(Selected(storage, part, (storage.name,)), fh, identities,
-                                sys.stderr.isatty())
-            started = time.monotonic()
-            with throwaway_server(config.verify.redis_server, rdb,
-                                  config.restore.start_timeout) as client:
-                info: dict[str, Any] = client.info("everything")
-                misplaced, scanned = misplaced_keys(client, shard.ranges)
-            where = f"shard {shard.index} (slots {sl.show(shard.ranges)})"
-            try:
-                loaded = check_loaded(info, part.keys, started, part.keys_exact)
-            except RestoreError as exc:
-                return DrillResult(False, EXIT_INTEGRITY, f"drill failed: {where}: {exc}")
-            if misplaced:
-                return DrillResult(False, EXIT_INTEGRITY, (
-                    f"drill failed: {where} holds {len(misplaced)} of {scanned} keys whose "
-                    f"hash slot is not among its slots, e.g. " + ", ".join(
-                        f"{k[:40]!r} (slot {s})" for k, s in misplaced[:MISPLACED_SHOWN])))
-            loaded_total += loaded.loaded if loaded.loaded is not None else loaded.keys
+        with drilled(config, storage, part, identities, scratch_parent) as (client, started):
+            info: dict[str, Any] = client.info("everything")
+            misplaced, scanned = misplaced_keys(client, shard.ranges)
+        where = f"shard {shard.index} (slots {sl.show(shard.ranges)})"
+        try:
+            loaded = check_loaded(info, part.keys, started, part.keys_exact)
+        except RestoreError as exc:
+            return DrillResult(False, EXIT_INTEGRITY, f"drill failed: {where}: {exc}")
+        if misplaced:
+            return DrillResult(False, EXIT_INTEGRITY, (
+                f"drill failed: {where} holds {len(misplaced)} of {scanned} keys whose "
+                f"hash slot is not among its slots, e.g. " + ", ".join(
+                    f"{k[:40]!r} (slot {s})" for k, s in misplaced[:MISPLACED_SHOWN])))
+        loaded_total += loaded.loaded if loaded.loaded is not None else loaded.keys
     return DrillResult(True, EXIT_OK, (
         f"drill ok: {server.label} loaded {len(manifest.cluster.shards)} shards, "
         f"{loaded_total} keys, every key in its shard's slots; the manifest says "

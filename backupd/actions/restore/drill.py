@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import redis
 
 from backupd import servers, source
 from backupd.actions.restore.staging import Selected, fetch_and_check, select_backup
@@ -36,7 +39,7 @@ class DrillResult:
 def drill(config: Config, storage: Storage, manifest: Manifest, identities: Sequence[Any],
           scratch_parent: Path | None = None) -> DrillResult:
     """Load the backup into a throwaway redis-server and compare its key count."""
-    from backupd.controllers.throwaway import server_identity, throwaway_server
+    from backupd.controllers.throwaway import server_identity
 
     binary = config.verify.redis_server
     server = server_identity(binary)
@@ -53,22 +56,34 @@ def drill(config: Config, storage: Storage, manifest: Manifest, identities: Sequ
         from backupd.actions.restore.cluster_drill import drill_shards
 
         return drill_shards(config, storage, manifest, identities, scratch_parent, server)
+    with drilled(config, storage, manifest, identities, scratch_parent) as (client, started):
+        info: dict[str, Any] = client.info("everything")
+    try:
+        loaded = check_loaded(info, manifest.keys, started, manifest.keys_exact)
+    except RestoreError as exc:
+        return DrillResult(False, EXIT_INTEGRITY, f"drill failed: {exc}")
+    count = loaded.loaded if loaded.loaded is not None else loaded.keys
+    return DrillResult(True, EXIT_OK, (
+        f"drill ok: {server.label} loaded {count} keys ({loaded.expired} already "
+        f"expired) in {loaded.seconds:g}s; the manifest says {manifest.keys}"))
+
+
+@contextlib.contextmanager
+def drilled(config: Config, storage: Storage, manifest: Manifest, identities: Sequence[Any],
+            scratch_parent: Path | None) -> Iterator[tuple[redis.Redis, float]]:
+    """The backup (one artifact: a single-server backup or a cluster shard's view) fetched,
+    checked and loaded into a throwaway server: its client, and when loading started."""
+    from backupd.controllers.throwaway import throwaway_server
+
     with tempfile.TemporaryDirectory(prefix=".backupd-drill-", dir=scratch_parent) as tmp:
         rdb = Path(tmp) / "dump.rdb"
         with open(rdb, "wb") as fh:
             fetch_and_check(Selected(storage, manifest, (storage.name,)), fh, identities,
                             sys.stderr.isatty())
         started = time.monotonic()
-        with throwaway_server(binary, rdb, config.restore.start_timeout) as client:
-            info: dict[str, Any] = client.info("everything")
-        try:
-            loaded = check_loaded(info, manifest.keys, started, manifest.keys_exact)
-        except RestoreError as exc:
-            return DrillResult(False, EXIT_INTEGRITY, f"drill failed: {exc}")
-    count = loaded.loaded if loaded.loaded is not None else loaded.keys
-    return DrillResult(True, EXIT_OK, (
-        f"drill ok: {server.label} loaded {count} keys ({loaded.expired} already "
-        f"expired) in {loaded.seconds:g}s; the manifest says {manifest.keys}"))
+        with throwaway_server(config.verify.redis_server, rdb,
+                              config.restore.start_timeout) as client:
+            yield client, started
 
 
 class DrillSkipped(Exception):
