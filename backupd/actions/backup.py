@@ -130,7 +130,7 @@ def run_backup(config: Config, *, trigger: str = "manual", tag: str = "",
     if config.redis.cluster.enabled:  # one snapshot per shard, one manifest
         from backupd.actions.cluster_backup import run_cluster_backup
 
-        return run_cluster_backup(config, trigger=trigger, tag=tag, env=env)
+        return run_cluster_backup(config, trigger=trigger, tag=tag, env=env, listing=listing)
     started = time.monotonic()
     check_tag(tag)
     yield_cpu(config.backup.niceness)

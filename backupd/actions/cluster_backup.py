@@ -36,6 +36,7 @@ from backupd.manifest import Manifest, RedisFacts
 from backupd.pipeline import PackResult, pack
 from backupd.rdb_keys import KeySampler
 from backupd.storage import layout
+from backupd.storage.base import Listing
 from backupd.storage.local import LocalStorage
 
 log = structlog.get_logger("backupd.cluster_backup")
@@ -64,15 +65,18 @@ class _ShardTaken:
 
 
 def run_cluster_backup(config: Config, *, trigger: str = "manual", tag: str = "",
-                       env: Mapping[str, str] | None = None) -> Manifest:
+                       env: Mapping[str, str] | None = None,
+                       listing: Listing | None = None) -> Manifest:
     """Take one cluster backup into the local directory; returns its committed manifest.
-    The caller holds `backup_lock` on the backup directory."""
+    The caller holds `backup_lock` on the backup directory (`listing`: the directory's, taken
+    under it; listed here when not given)."""
     started = time.monotonic()
     single.check_tag(tag)
     single.yield_cpu(config.backup.niceness)
     storage = LocalStorage(Path(config.backup.dir))
-    single.clean_leftovers(storage)
-    existing = storage.listing().manifests
+    listing = storage.listing() if listing is None else listing
+    single.clean_leftovers(storage, listing)
+    existing = listing.manifests
     previous = existing[0] if existing else None
     seeds = tp.seed_endpoints(config.redis, env)
     before = tp.read(seeds)
