@@ -380,8 +380,8 @@ def health_cmd(state: State) -> None:
               help="Put back the data from before the last restore (also after an "
                    "interrupted restore).")
 @click.option("--to-time", metavar="TIMESTAMP",
-              help="The newest backup at or before this time (as --before, until "
-                   "point-in-time recovery exists).")
+              help="The data as it was at this moment, from a base backup and the "
+                   "point-in-time segments of [pitr] (without any segments: as --before).")
 @click.option("--keys", "patterns", multiple=True, metavar="PATTERN",
               help="Restore only the keys matching this glob (repeatable) into the running "
                    "server, with RESTORE ... ABSTTL: no restart.")
@@ -420,7 +420,8 @@ def restore(state: State, backup_id: str, from_: str | None, before: str | None,
 
     if to_time and before:
         raise UsageError("give --to-time or --before, not both")
-    before = before or to_time
+    if to_time and (patterns or undo_run or rollback or backup_id != "latest"):
+        raise UsageError("--to-time takes no backup ID, --keys, --undo-keys or --rollback")
     if (patterns or undo_run) and (rollback or method or start):
         raise UsageError("--keys and --undo-keys take no --rollback, --method or --start "
                          "(nothing is stopped)")
@@ -434,7 +435,8 @@ def restore(state: State, backup_id: str, from_: str | None, before: str | None,
     opts = Options(selector=backup_id, source=from_,
                    before=parse_time(before) if before else None,
                    identity_file=identity_file, dry_run=dry_run, yes=yes,
-                   method=method, start=start, force_memory=force_memory)
+                   method=method, start=start, force_memory=force_memory,
+                   to_time=parse_time(to_time) if to_time else None)
     ui = Ui(echo=click.echo,
             confirm=lambda text: click.confirm(text, default=False, err=True),
             interactive=sys.stdin.isatty(), progress=sys.stderr.isatty())

@@ -22,6 +22,7 @@ class Options:
     method: str | None = None
     start: bool = False
     force_memory: bool = False
+    to_time: datetime | None = None  # point in time (backupd/pitr); else as `before`
 
 
 @dataclass(frozen=True)
