@@ -53,7 +53,7 @@ class LinkStatus:
 class Link:
     def __init__(self, config: Config, env: Mapping[str, str] | None = None,
                  stop: threading.Event | None = None,
-                 on_durable: Callable[[int], None] | None = None) -> None:
+                 on_durable: Callable[[int], object] | None = None) -> None:
         self.config = config
         self._on_durable = on_durable
         self.env = env
@@ -209,6 +209,11 @@ class Link:
                 item = None
                 catch_up = True
             if item is None and self.stop.is_set():
+                try:  # the last segments, closed as backupd stops
+                    upload_missing(self.local, remote)
+                except BackupdError as exc:
+                    log.warning("pitr_upload_failed", error=str(exc),
+                                effect="uploaded by the next start")
                 return
             try:
                 if item is not None:

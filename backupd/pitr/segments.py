@@ -157,6 +157,7 @@ class SegmentWriter:
         self._tx: list[bytes] | None = None  # a transaction's commands, until its EXEC
         self._tx_bytes = 0
         self._tx_db = db
+        self._db_at_begin = db
         self._open: _Open | None = None
         self._last_stamp = -1
         self._new_stamps: list[list[int]] = []
@@ -171,6 +172,7 @@ class SegmentWriter:
 
     def feed(self, data: bytes, now: float) -> None:
         buf, commands = self._split.feed(data)
+        begin, self._db_at_begin = self.offset, self.db
         out: list[bytes] = []
         second = int(now)
         self._stamp_into(out, second)
@@ -202,7 +204,7 @@ class SegmentWriter:
                 self.db = _db(cmd.arg1, self.db)
             out.append(buf[cmd.start:cmd.end])
         if out:
-            self._write(b"".join(out), second)
+            self._write(b"".join(out), second, begin + 1)
 
     @property
     def received(self) -> int:
@@ -213,8 +215,9 @@ class SegmentWriter:
         """Once per loop: the idle second's stamp, the fsync, the rotation when due."""
         out: list[bytes] = []
         self._stamp_into(out, int(now))
+        self._db_at_begin = self.db
         if out:
-            self._write(out[0], int(now))
+            self._write(out[0], int(now), self.offset + 1)
         mono = time.monotonic()
         if mono - self._synced_at >= self._fsync_every:
             self.sync()
@@ -229,8 +232,9 @@ class SegmentWriter:
             out.append(stamp(second))
             self._last_stamp = second
 
-    def _write(self, data: bytes, second: int) -> None:
-        seg = self._open or self._start(second)
+    def _write(self, data: bytes, second: int, first_offset: int) -> None:
+        """Append `data` (that starts at `first_offset`) to the open segment, or a new one."""
+        seg = self._open or self._start(second, first_offset)
         seg.last_time = max(seg.last_time, self._last_stamp)
         for st in self._new_stamps:
             seg.stamps.append([st[0], st[1], st[2] + seg.size])
@@ -245,15 +249,15 @@ class SegmentWriter:
         if seg.size >= self._max_bytes and self._tx is None:
             self.close(ROTATED)
 
-    def _start(self, second: int) -> _Open:
-        stem = layout.segment_stem(self.replid, self.offset + 1)
+    def _start(self, second: int, first_offset: int) -> _Open:
+        stem = layout.segment_stem(self.replid, first_offset)
         path = self.dir / (stem + layout.SEGMENT_OPEN_EXT)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise StorageError(f"cannot create segment {path}: {exc.strerror}") from None
-        self._open = _Open(stem, fd, self.offset + 1, second, self.db, hashlib.sha256(),
-                           opened=time.monotonic())
+        self._open = _Open(stem, fd, first_offset, second, self._db_at_begin,
+                           hashlib.sha256(), opened=time.monotonic())
         return self._open
 
     # -- durability ----------------------------------------------------------------------
