@@ -224,7 +224,16 @@ class SegmentWriter:
         seg = self._open
         if seg is not None and self._tx is None and (
                 seg.size >= self._max_bytes or mono - seg.opened >= self._max_age):
-            self.close(ROTATED)
+            self._rotate(int(now))
+
+    def _rotate(self, second: int) -> None:
+        """Close the segment and open the next at once (with its first stamp): a link that
+        drops now ends an open segment, which says so."""
+        self.close(ROTATED)
+        out: list[bytes] = []
+        self._stamp_into(out, second)
+        self._db_at_begin = self.db
+        self._write(out[0], second, self.offset + 1)
 
     def _stamp_into(self, out: list[bytes], second: int) -> None:
         if self._tx is None and second > self._last_stamp:
@@ -247,7 +256,7 @@ class SegmentWriter:
         seg.size += len(data)
         self.bytes += len(data)
         if seg.size >= self._max_bytes and self._tx is None:
-            self.close(ROTATED)
+            self._rotate(second)
 
     def _start(self, second: int, first_offset: int) -> _Open:
         stem = layout.segment_stem(self.replid, first_offset)
