@@ -189,11 +189,21 @@ def upload(state: State, pending: bool) -> None:
 @cli.command(name="list", epilog=EXIT_CODES_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @_location_option(default="all")
+@click.option("--pitr", is_flag=True,
+              help="Show the point-in-time windows (from, to, gaps and why) instead; "
+                   "reads and checks every segment.")
 @pass_state
 @handle_errors
-def list_cmd(state: State, as_json: bool, location: str) -> None:
+def list_cmd(state: State, as_json: bool, location: str, pitr: bool = False) -> None:
     """List backups, newest first."""
     from backupd.actions.catalog import catalog, storages
+
+    if pitr:
+        from backupd.pitr.report import text, windows_report
+
+        report = windows_report(state.config(), location)
+        click.echo(json.dumps(report, indent=2) if as_json else "\n".join(text(report)))
+        return
 
     found = catalog(storages(state.config(), location))
     for name, listing in found.listings.items():

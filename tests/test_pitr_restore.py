@@ -5,12 +5,14 @@ local segments and from S3 alone (local copies deleted)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.conftest import RedisServer, s3_section, wait_until
+from tests.conftest import S3_KEY_ID, S3_SECRET, RedisServer, s3_section, wait_until
 from tests.faults.harness import cli
 from tests.pitr import (
     Writer,
@@ -65,19 +67,20 @@ def _restore_and_check(config: Path, server: RedisServer, writer: Writer,
                        *args: str) -> list[float]:
     lost = []
     for moment in _moments(writer):
-        from datetime import UTC, datetime
-
-        stamp = datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        ran = cli(config, "restore", "--to-time", stamp, "--yes", *args, timeout=180)
+        ran = cli(config, "restore", "--to-time", _stamp(moment), "--yes", *args, timeout=180)
         assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-3000:]
         assert "Point-in-time plan" in ran.stdout
         lost.append(check_moment(writer.writes, keys_of(server.port), moment, LOSS_BOUND))
     return lost
 
 
+def _stamp(moment: int) -> str:
+    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def test_restore_to_time_from_local_segments(
         tmp_path: Path, redis_factory: Callable[..., RedisServer]) -> None:
-    config, backups, writer, server = _record(tmp_path, redis_factory)
+    config, _, writer, server = _record(tmp_path, redis_factory)
     assert len(writer.writes) > 1000
     lost = _restore_and_check(config, server, writer)
     print(f"measured loss before T: {max(lost):.3f}s over {len(writer.writes)} writes")
@@ -96,17 +99,40 @@ def test_restore_to_time_from_s3_only(
     for path in backups.glob("*.rdb*"):
         path.unlink()
     _restore_and_check(config, server, writer, "--from", "s3")
+    # A segment corrupted in the bucket: the window ends before it, later times are refused.
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, aws_access_key_id=S3_KEY_ID,
+                      aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(
+        Bucket=bucket, Prefix="redis/prod/pitr/")["Contents"] if o["Key"].endswith(".resp"))
+    victim = keys[len(keys) // 2]
+    meta = json.loads(s3.get_object(Bucket=bucket, Key=victim[:-5] + ".json")["Body"].read())
+    body = bytearray(s3.get_object(Bucket=bucket, Key=victim)["Body"].read())
+    body[len(body) // 2] ^= 0xFF
+    s3.put_object(Bucket=bucket, Key=victim, Body=bytes(body))
+    listed = cli(config, "list", "--pitr", "--json", "--location", "s3")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    [chain] = json.loads(listed.stdout)["chains"]
+    assert "corrupt" in chain["ends_because"]
+    assert chain["to"] < _stamp(int(meta["first_time"]) + 1)
+    later = cli(config, "restore", "--to-time", _stamp(int(meta["last_time"])), "--yes",
+                "--from", "s3")
+    assert later.returncode != 0 and "is corrupt" in later.stderr
+    assert "window ends before it" in later.stderr
+    earlier = int(meta["first_time"]) - 1
+    if earlier > writer.writes[0][1] + 1:
+        ran = cli(config, "restore", "--to-time", _stamp(earlier), "--yes", "--from", "s3")
+        assert ran.returncode == 0, ran.stderr[-3000:]
+        check_moment(writer.writes, keys_of(server.port), earlier, LOSS_BOUND)
 
 
 def test_dry_run_names_base_segments_stamp_and_offset(
         tmp_path: Path, redis_factory: Callable[..., RedisServer]) -> None:
-    config, backups, writer, server = _record(tmp_path, redis_factory)
+    config, _, writer, server = _record(tmp_path, redis_factory)
     moment = _moments(writer)[1]
-    from datetime import UTC, datetime
-
-    stamp = datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     before = keys_of(server.port)
-    ran = cli(config, "restore", "--to-time", stamp, "--dry-run")
+    ran = cli(config, "restore", "--to-time", _stamp(moment), "--dry-run")
     assert ran.returncode == 0, ran.stderr[-3000:]
     out = ran.stdout
     assert "base     " in out and "segments " in out and "last offset" in out

@@ -153,7 +153,7 @@ def test_segment_names_are_ours_only_when_exact() -> None:
     assert layout.segment_of(stem + ".json") == (REPLID, 7, ".json")
     for name in (stem + ".json.tmp", "x" + stem + ".resp", stem[:-1] + ".resp", "a/" + stem):
         assert layout.segment_of(name) is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a segment name"):
         layout.segment_stem("../etc", 1)
 
 

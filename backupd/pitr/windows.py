@@ -97,7 +97,7 @@ def _chain(base: Manifest, segs: list[SegmentMeta],
             break
         if lo is None:
             lo = seg.first_time + 1
-        elif previous is not None and previous.ended != ROTATED and seg.first_time > hi + 1:
+        elif previous is not None and previous.ended != ROTATED and seg.first_time > hi:
             why = GAP_REASONS.get(previous.ended, previous.ended)
             chain.gaps.append(Gap(hi, seg.first_time + 1, why))
             if lo <= hi:
