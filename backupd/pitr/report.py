@@ -50,11 +50,11 @@ def windows_report(config: Config, location: str,
     previous: windows.Chain | None = None
     for chain in chains:
         between = None
-        if previous is not None and previous.end is not None and chain.start is not None:
-            last = previous.segments[-1] if previous.segments else None
+        if previous is not None and previous.segments and chain.start is not None:
+            last = previous.segments[-1]
             why = ("backlog lost: the master answered the partial resync with a full one"
-                   if last is not None and last.ended != "rotated" else "new chain")
-            between = {"from": _t(previous.end), "to": _t(chain.start), "why": why}
+                   if last.ended != "rotated" else "new chain")
+            between = {"from": _t(last.last_time), "to": _t(chain.start), "why": why}
         out.append({
             "base": chain.base.id, "replid": chain.replid, "base_offset": chain.base_offset,
             "from": _t(chain.start), "to": _t(chain.end),
