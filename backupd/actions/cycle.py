@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 
 from backupd.actions.backup import backup_lock, run_backup
-from backupd.actions.prune import Report, policy_for, prune_location
+from backupd.actions.prune import Report, chains_for, policy_for, prune_location
 from backupd.config import Config
 from backupd.errors import UploadPending
 from backupd.manifest import Manifest, now_utc
@@ -89,7 +89,8 @@ def run_cycle(config: Config, *, trigger: str = "manual", tag: str = "", prune: 
             if remote is not None and upload_error is None:
                 targets.append(remote)
             result.prune_reports = [
-                prune_location(storage, policy_for(config, storage.name), now=now_utc())
+                prune_location(storage, policy_for(config, storage.name), now=now_utc(),
+                               chains=chains_for(config, storage))
                 for storage in targets]
     if upload_error is not None:
         raise upload_error
