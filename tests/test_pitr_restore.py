@@ -150,3 +150,44 @@ def test_to_time_without_segments_is_as_before(
     ran = cli(config, "restore", "--to-time", "2100-01-01T00:00:00Z", "--dry-run")
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert "no point-in-time segments" in ran.stdout
+
+
+def test_the_open_segment_reaches_s3_every_upload_interval(
+        tmp_path: Path, redis_factory: Callable[..., RedisServer], moto_endpoint: str,
+        bucket: str, no_aws_config: None) -> None:
+    """backupd and its disk lost mid-segment: the bucket alone restores to seconds before."""
+    import boto3
+
+    server = redis_factory("--repl-diskless-sync-delay", "0")
+    backups = tmp_path / "backups"
+    config = pitr_config(tmp_path / "config.toml", server, backups,
+                         s3_section(moto_endpoint, bucket) + "", segment="1h")
+    config.write_text(config.read_text().replace('segment = "1h"',
+                                                 'segment = "1h"\nupload_interval = "1s"'))
+    daemon = start_link(config, backups)
+    client = server.client()
+    client.set("written", "before the loss")
+    written = datetime.now(UTC).timestamp()
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, aws_access_key_id=S3_KEY_ID,
+                      aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+
+    def part_after() -> bool:
+        for obj in s3.list_objects_v2(Bucket=bucket, Prefix="redis/prod/pitr/").get(
+                "Contents", []):
+            if obj["Key"].endswith(".part.json"):
+                meta = json.loads(s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
+                if meta["last_time"] >= written + 2:
+                    return True
+        return False
+
+    wait_until(part_after, 60, "the open segment's part in the bucket")
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.wait(10)
+    shutil.rmtree(backups)
+    backups.mkdir()
+    client.flushall()
+    ran = cli(config, "restore", "--to-time", _stamp(int(written) + 2), "--yes",
+              "--from", "s3")
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-3000:]
+    assert client.get("written") == "before the loss"
+    client.close()

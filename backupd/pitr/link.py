@@ -29,6 +29,7 @@ from backupd.errors import BackupdError, SnapshotError
 from backupd.pitr.segments import LINK_DOWN, STOPPED, SegmentMeta, SegmentWriter, recover
 from backupd.pitr.store import LocalSegments, S3Segments, SegmentStore
 from backupd.replication import ReplicationStream
+from backupd.storage import layout
 
 log = structlog.get_logger("backupd.pitr")
 
@@ -195,19 +196,40 @@ class Link:
 
     # -- uploads -------------------------------------------------------------------------
 
+    def _upload_part(self, remote: S3Segments,
+                     done: tuple[str, int] | None) -> tuple[str, int] | None:
+        """The open segment's durable part, when it grew since the last time."""
+        writer = self._writer
+        part = writer.partial if writer is not None else None
+        if part is None or (part.stem, part.size) == done:
+            return done
+        try:
+            remote.put_part(self.local.dir / (part.stem + layout.SEGMENT_OPEN_EXT), part)
+        except BackupdError as exc:
+            log.warning("pitr_part_upload_failed", error=str(exc), retry_in=
+                        self.config.pitr.upload_interval)
+            return done
+        return part.stem, part.size
+
     def _upload_loop(self) -> None:
         """Each closed segment to S3, and every upload_interval whatever is not there yet
         (a failed upload, segments recovered at start)."""
         from backupd.storage.s3 import S3Storage
 
-        remote: SegmentStore = S3Segments(S3Storage(self.config.s3, self.env))
+        remote = S3Segments(S3Storage(self.config.s3, self.env))
         catch_up = True
+        interval = self.config.pitr.upload_interval
+        parted: tuple[str, int] | None = None
+        last_part = time.monotonic()
         while True:
             try:
-                item = self._uploads.get(timeout=self.config.pitr.upload_interval)
+                item = self._uploads.get(timeout=interval)
             except queue.Empty:
                 item = None
                 catch_up = True
+            if time.monotonic() - last_part >= interval and not self.stop.is_set():
+                last_part = time.monotonic()
+                parted = self._upload_part(remote, parted)
             if item is None and self.stop.is_set():
                 try:  # the last segments, closed as backupd stops
                     upload_missing(self.local, remote)

@@ -47,6 +47,7 @@ ROTATED = "rotated"
 LINK_DOWN = "link down"
 RESTARTED = "backupd restart"
 STOPPED = "backupd stopped"
+OPEN = "open"  # the durable part of the open segment, as uploaded every pitr.upload_interval
 
 
 def stamp(second: int) -> bytes:
@@ -80,11 +81,13 @@ class SegmentMeta:
 
     @property
     def data_name(self) -> str:
-        return self.stem + layout.SEGMENT_DATA_EXT
+        return self.stem + (layout.SEGMENT_PART_EXT if self.ended == OPEN
+                            else layout.SEGMENT_DATA_EXT)
 
     @property
     def meta_name(self) -> str:
-        return self.stem + layout.SEGMENT_META_EXT
+        return self.stem + (layout.SEGMENT_PART_META_EXT if self.ended == OPEN
+                            else layout.SEGMENT_META_EXT)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1, sort_keys=True).encode() + b"\n"
@@ -163,6 +166,7 @@ class SegmentWriter:
         self._new_stamps: list[list[int]] = []
         self._synced_at = time.monotonic()
         self.durable: Durable | None = None
+        self.partial: SegmentMeta | None = None  # the open segment's durable part
         self.acks = 0
         self.segments = 0
         self.bytes = 0
@@ -288,6 +292,11 @@ class SegmentWriter:
         except OSError as exc:
             raise StorageError(f"cannot fsync segment {seg.stem}: {exc.strerror}") from None
         self.durable = Durable(self.offset, seg.last_time)
+        self.partial = SegmentMeta(replid=self.replid, first_offset=seg.first_offset,
+                                   last_offset=self.offset, first_time=seg.first_time,
+                                   last_time=seg.last_time, size=seg.size,
+                                   sha256=progress["sha256"], base=self.base, db=seg.db,
+                                   last_db=self.db, ended=OPEN, stamps=list(seg.stamps))
 
     def close(self, ended: str) -> SegmentMeta | None:
         """Commit the open segment (none open: nothing). A transaction still open stays in
@@ -296,7 +305,7 @@ class SegmentWriter:
         if seg is None:
             return None
         self.sync()
-        self._open = None
+        self._open, self.partial = None, None
         os.close(seg.fd)
         meta = SegmentMeta(replid=self.replid, first_offset=seg.first_offset,
                            last_offset=self.offset, first_time=seg.first_time,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from backupd.errors import IntegrityError, StorageError
 from backupd.fsio import atomic_file, write_all
-from backupd.pitr.segments import MAX_META_BYTES, SegmentMeta, parse_meta
+from backupd.pitr.segments import MAX_META_BYTES, OPEN, SegmentMeta, parse_meta
 from backupd.storage import layout
 from backupd.streams import CHUNK
 
@@ -133,9 +133,15 @@ class S3Segments:
         return found
 
     def listing(self) -> SegmentListing:
+        """Closed segments, and the uploaded part of an open one where no closed one of the
+        same name exists (it ends the window there)."""
         out = SegmentListing()
         keys = self._keys()
-        metas = [n for n in keys if n.endswith(layout.SEGMENT_META_EXT)]
+        closed = {n[:-len(layout.SEGMENT_META_EXT)] for n in keys
+                  if _ext(n) == layout.SEGMENT_META_EXT}
+        metas = [n for n in keys if _ext(n) == layout.SEGMENT_META_EXT or (
+            _ext(n) == layout.SEGMENT_PART_META_EXT
+            and n[:-len(layout.SEGMENT_PART_META_EXT)] not in closed)]
         with ThreadPoolExecutor(max_workers=META_READERS) as pool:
             results = list(pool.map(self._read_meta, metas))
         for name, got in zip(metas, results, strict=True):
@@ -182,6 +188,37 @@ class S3Segments:
             raise StorageError(f"cannot read segment {data}: {exc.strerror}") from None
         except _boto_errors() as exc:
             raise s3.reasons.error(f"upload of segment {meta.stem} failed", exc, key) from None
+        if meta.ended != OPEN:
+            self._forget_part(meta)
+
+    def put_part(self, opened: Path, meta: SegmentMeta) -> None:
+        """The durable part of the open segment (`meta.size` bytes of `opened`), then its
+        metadata: a restore from the bucket alone then reaches this far."""
+        s3 = self._s3
+        key = self.prefix + meta.data_name
+        try:
+            with open(opened, "rb") as fh:
+                data = fh.read(meta.size)
+        except OSError as exc:
+            raise StorageError(f"cannot read segment {opened}: {exc.strerror}") from None
+        if len(data) != meta.size:
+            raise StorageError(f"segment {meta.stem} is shorter than its durable part")
+        args = s3.object_args(meta.base, meta.sha256)
+        try:
+            s3.client.put_object(Bucket=s3.bucket, Key=key, Body=data, **args)
+            s3.client.put_object(Bucket=s3.bucket, Key=self.prefix + meta.meta_name,
+                                 Body=meta.to_json(), ContentType="application/json",
+                                 **{k: v for k, v in args.items() if k != "Metadata"})
+        except _boto_errors() as exc:
+            raise s3.reasons.error(f"upload of the open segment {meta.stem} failed", exc,
+                                   key) from None
+
+    def _forget_part(self, meta: SegmentMeta) -> None:
+        """The part of a segment now closed in the bucket (best effort: it no longer counts)."""
+        s3 = self._s3
+        for ext in (layout.SEGMENT_PART_META_EXT, layout.SEGMENT_PART_EXT):
+            with contextlib.suppress(*_boto_errors()):
+                s3.client.delete_object(Bucket=s3.bucket, Key=self.prefix + meta.stem + ext)
 
     def delete_segments(self, metas: Iterable[SegmentMeta]) -> list[str]:
         s3 = self._s3
@@ -190,9 +227,15 @@ class S3Segments:
             try:
                 for name in (meta.meta_name, meta.data_name):
                     s3.client.delete_object(Bucket=s3.bucket, Key=self.prefix + name)
+                self._forget_part(meta)
             except _boto_errors():
                 failed.append(meta.stem)
         return failed
+
+
+def _ext(name: str) -> str:
+    parsed = layout.segment_of(name)
+    return parsed[2] if parsed is not None else ""
 
 
 def _boto_errors() -> tuple[type[BaseException], ...]:

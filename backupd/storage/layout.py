@@ -116,16 +116,21 @@ def parse_upload_orphan_name(text: str) -> tuple[str, str] | None:
 #     <replid>-<first offset, 20 digits>.json      its metadata: written last, the commit marker
 #     <replid>-<first offset, 20 digits>.open      (local) the segment being written
 #     <replid>-<first offset, 20 digits>.progress  (local) its durable length and offset
+#     <replid>-<first offset, 20 digits>.part      (S3) the open segment's durable part so far
+#     <replid>-<first offset, 20 digits>.part.json (S3) its metadata, written after it
 #
-# A `.resp` without its `.json` is never a segment: an open or interrupted one.
+# A `.resp` without its `.json` is never a segment: an open or interrupted one. A `.part`
+# counts only while no `.json` of the same segment exists.
 
 SEGMENT_DIR = "pitr"
 SEGMENT_DATA_EXT = ".resp"
 SEGMENT_META_EXT = ".json"
 SEGMENT_OPEN_EXT = ".open"
 SEGMENT_PROGRESS_EXT = ".progress"
+SEGMENT_PART_EXT = ".part"
+SEGMENT_PART_META_EXT = ".part.json"
 _SEGMENT_RE = re.compile(r"^(?P<replid>[0-9a-f]{40})-(?P<offset>\d{20})"
-                         r"(?P<ext>\.resp|\.json|\.open|\.progress)$")
+                         r"(?P<ext>\.resp|\.json|\.open|\.progress|\.part\.json|\.part)$")
 
 
 def segment_stem(replid: str, first_offset: int) -> str:
