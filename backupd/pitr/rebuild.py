@@ -145,24 +145,19 @@ def describe_windows(chains: Sequence[windows.Chain]) -> str:
 
 
 def _copy_checked(store: SegmentStore, meta: SegmentMeta, out: BinaryIO, limit: int) -> None:
-    """Write the segment's first `limit` bytes into `out`, after checking the whole segment
-    against its size and SHA-256 (read once: what is written is what was checked, from a
-    temp file in the same build directory)."""
+    """Write the segment's first `limit` bytes into `out` while checking the whole segment
+    against its size and SHA-256; a mismatch raises, and the caller's half-written file is
+    discarded (it is a temp file until the whole AOF is built)."""
     hasher, size = hashlib.sha256(), 0
-    kept: list[bytes] = []
-    kept_size = 0
     with store.open_segment(meta) as fh:
         while chunk := fh.read(CHUNK):
             hasher.update(chunk)
-            if kept_size < limit:
-                kept.append(chunk[:limit - kept_size])
-                kept_size += len(kept[-1])
+            if size < limit:
+                write_all(out, chunk[:limit - size])
             size += len(chunk)
     if size != meta.size or hasher.hexdigest() != meta.sha256:
         raise IntegrityError(f"segment {meta.stem} [{store.name}] is corrupt (its size or "
                              "SHA-256 differs from its metadata)")
-    for piece in kept:
-        write_all(out, piece)
 
 
 @contextlib.contextmanager
