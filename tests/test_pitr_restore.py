@@ -12,6 +12,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import S3_KEY_ID, S3_SECRET, RedisServer, s3_section, wait_until
 from tests.faults.harness import cli
 from tests.pitr import (
@@ -25,10 +27,10 @@ from tests.pitr import (
     stop,
 )
 
-# The newest write that may be missing: what reached Redis but not backupd when it died.
-# On this machine the stream arrives within milliseconds; the bound leaves room for the
-# load of four test runs at once.
-LOSS_BOUND = 0.5
+# The newest write that may be missing before T: a write is stamped when backupd reads it,
+# and the reading thread also fsyncs (pitr.fsync = 1s). Measured here: 10-30 ms on a quiet
+# machine, 0.65 s with four test suites sharing the 2 cores (docs/benchmarks.md).
+LOSS_BOUND = 1.5
 WRITE_FOR = 6.0
 
 
@@ -78,6 +80,7 @@ def _stamp(moment: int) -> str:
     return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@pytest.mark.matrix
 def test_restore_to_time_from_local_segments(
         tmp_path: Path, redis_factory: Callable[..., RedisServer]) -> None:
     config, _, writer, server = _record(tmp_path, redis_factory)
