@@ -198,3 +198,25 @@ def test_a_missing_or_unusable_segment_ends_the_window() -> None:
     assert chain.end == 1010 and "corrupt" in chain.ends_because
     [chain] = windows.chains([_base(offset=150)], segs)
     assert chain.pieces == [] and "segment missing" in chain.ends_because
+
+
+def test_background_fsync_records_what_was_written_and_never_outlives_the_commit(
+        tmp_path: Path) -> None:
+    closed: list[SegmentMeta] = []
+    w = SegmentWriter(tmp_path, base=BASE, replid=REPLID, offset=100, db=0, fsync_every=0.01,
+                      max_age=3600.0, closed=closed.append, background=True)
+    try:
+        for i in range(200):
+            w.feed(resp("SET", f"k{i}", "v" * 50), 1000.0 + i / 100)
+        from tests.conftest import wait_until
+
+        wait_until(lambda: w.durable is not None and w.durable.offset == w.offset, 10,
+                   "the fsync thread's record")
+        progress = json.loads(next(tmp_path.glob("*.progress")).read_text())
+        data = next(tmp_path.glob("*.open")).read_bytes()
+        assert progress["size"] == len(data)
+        assert progress["sha256"] == hashlib.sha256(data).hexdigest()
+        w.close(ROTATED)
+    finally:
+        w.stop()
+    assert not list(tmp_path.glob("*.progress")) and closed[0].last_offset == w.offset

@@ -143,7 +143,7 @@ class Link:
         cfg = self.config.pitr
         writer = SegmentWriter(self.local.dir, base=base, replid=replid, offset=offset, db=db,
                                fsync_every=cfg.fsync, max_age=cfg.segment,
-                               closed=self._uploads.put)
+                               closed=self._uploads.put, background=True)
         self._writer = writer
         self._counted = (self.status.segments, self.status.bytes)
         self.status.chain, self.status.up, self.status.error = base, True, ""
@@ -182,6 +182,7 @@ class Link:
             except BackupdError as exc:
                 log.warning("pitr_segment_not_closed", error=str(exc))
                 writer.abandon()
+            writer.stop()
             self._publish(writer)
             self._writer = None
 

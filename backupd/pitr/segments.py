@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -149,7 +150,9 @@ class SegmentWriter:
 
     def __init__(self, directory: Path, *, base: str, replid: str, offset: int, db: int,
                  fsync_every: float, max_age: float, closed: Callable[[SegmentMeta], None],
-                 max_bytes: int = MAX_SEGMENT_BYTES) -> None:
+                 max_bytes: int = MAX_SEGMENT_BYTES, background: bool = False) -> None:
+        """`background`: fsync from a thread of its own, so that a slow disk never delays
+        the reading (a write is stamped when it is read); else from `tick`."""
         self.dir = directory
         self.base, self.replid = base, replid
         self.offset = offset  # the last byte handled, outside any transaction
@@ -170,11 +173,37 @@ class SegmentWriter:
         self.acks = 0
         self.segments = 0
         self.bytes = 0
+        self._state = threading.RLock()  # the open segment's data, size, hash and offsets
+        self._sync = threading.RLock()  # an fsync and its durable record; a commit
+        self._stop = threading.Event()
+        self.sync_error: StorageError | None = None
         ensure_segment_dir(directory)
+        self._syncer: threading.Thread | None = None
+        if background:
+            self._syncer = threading.Thread(target=self._sync_loop, name="pitr-fsync",
+                                            daemon=True)
+            self._syncer.start()
+
+    def _sync_loop(self) -> None:
+        while not self._stop.wait(self._fsync_every):
+            try:
+                self.sync()
+            except StorageError as exc:
+                self.sync_error = exc
+
+    def stop(self) -> None:
+        """End the fsync thread (after `close`)."""
+        self._stop.set()
+        if self._syncer is not None:
+            self._syncer.join(timeout=60)
 
     # -- the stream ----------------------------------------------------------------------
 
     def feed(self, data: bytes, now: float) -> None:
+        with self._state:
+            self._feed(data, now)
+
+    def _feed(self, data: bytes, now: float) -> None:
         buf, commands = self._split.feed(data)
         begin, self._db_at_begin = self.offset, self.db
         out: list[bytes] = []
@@ -217,18 +246,22 @@ class SegmentWriter:
 
     def tick(self, now: float) -> None:
         """Once per loop: the idle second's stamp, the fsync, the rotation when due."""
-        out: list[bytes] = []
-        self._stamp_into(out, int(now))
-        self._db_at_begin = self.db
-        if out:
-            self._write(out[0], int(now), self.offset + 1)
+        if self.sync_error is not None:
+            raise self.sync_error
+        with self._state:
+            out: list[bytes] = []
+            self._stamp_into(out, int(now))
+            self._db_at_begin = self.db
+            if out:
+                self._write(out[0], int(now), self.offset + 1)
         mono = time.monotonic()
-        if mono - self._synced_at >= self._fsync_every:
+        if self._syncer is None and mono - self._synced_at >= self._fsync_every:
             self.sync()
         seg = self._open
         if seg is not None and self._tx is None and (
                 seg.size >= self._max_bytes or mono - seg.opened >= self._max_age):
-            self._rotate(int(now))
+            with self._state:
+                self._rotate(int(now))
 
     def _rotate(self, second: int) -> None:
         """Close the segment and open the next at once (with its first stamp): a link that
@@ -276,31 +309,49 @@ class SegmentWriter:
     # -- durability ----------------------------------------------------------------------
 
     def sync(self) -> None:
-        """fsync the open segment and record what is durable in `.progress`."""
+        """fsync the open segment and record what is durable in `.progress`: a snapshot of
+        size, offset and hash first (brief), then the slow part without holding the reader."""
         self._synced_at = time.monotonic()
-        seg = self._open
-        if seg is None:
-            return
-        try:
-            os.fsync(seg.fd)
+        with self._state:
+            seg = self._open
+            if seg is None:
+                return
+            try:
+                fd = os.dup(seg.fd)
+            except OSError as exc:
+                raise StorageError(f"cannot fsync segment {seg.stem}: {exc.strerror}") from None
             progress = {"size": seg.size, "last_offset": self.offset,
                         "first_time": seg.first_time, "last_time": seg.last_time,
                         "db": seg.db, "last_db": self.db, "base": self.base,
-                        "sha256": seg.hasher.hexdigest(), "stamps": seg.stamps}
-            write_atomic(self.dir / (seg.stem + layout.SEGMENT_PROGRESS_EXT),
-                         json.dumps(progress).encode())
+                        "sha256": seg.hasher.hexdigest(),
+                        "stamps": [list(st) for st in seg.stamps]}
+        try:
+            with self._sync:
+                if self._open is not seg:
+                    return  # committed meanwhile: its record is gone with it
+                os.fsync(fd)
+                write_atomic(self.dir / (seg.stem + layout.SEGMENT_PROGRESS_EXT),
+                             json.dumps(progress).encode())
+                self.durable = Durable(int(progress["last_offset"]), seg.last_time)
+                self.partial = SegmentMeta(
+                    replid=self.replid, first_offset=seg.first_offset,
+                    last_offset=int(progress["last_offset"]), first_time=seg.first_time,
+                    last_time=int(progress["last_time"]), size=int(progress["size"]),
+                    sha256=str(progress["sha256"]), base=self.base, db=seg.db,
+                    last_db=int(progress["last_db"]), ended=OPEN,
+                    stamps=progress["stamps"])
         except OSError as exc:
             raise StorageError(f"cannot fsync segment {seg.stem}: {exc.strerror}") from None
-        self.durable = Durable(self.offset, seg.last_time)
-        self.partial = SegmentMeta(replid=self.replid, first_offset=seg.first_offset,
-                                   last_offset=self.offset, first_time=seg.first_time,
-                                   last_time=seg.last_time, size=seg.size,
-                                   sha256=progress["sha256"], base=self.base, db=seg.db,
-                                   last_db=self.db, ended=OPEN, stamps=list(seg.stamps))
+        finally:
+            os.close(fd)
 
     def close(self, ended: str) -> SegmentMeta | None:
         """Commit the open segment (none open: nothing). A transaction still open stays in
         memory: it belongs to the next segment."""
+        with self._state, self._sync:
+            return self._close(ended)
+
+    def _close(self, ended: str) -> SegmentMeta | None:
         seg = self._open
         if seg is None:
             return None
@@ -322,10 +373,11 @@ class SegmentWriter:
 
     def abandon(self) -> None:
         """Close the file without committing (the process goes on; `recover` decides)."""
-        if self._open is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._open.fd)
-            self._open = None
+        with self._state, self._sync:
+            if self._open is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._open.fd)
+                self._open = None
 
 
 class _FdWriter:
