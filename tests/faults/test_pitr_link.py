@@ -128,7 +128,7 @@ def test_a_lost_backlog_starts_a_new_chain(
     wait_until(lambda: len(_bases(backups)) == 2, 60, "the new base")
     wait_until(lambda: open_segments(backups), 30, "the new chain streaming")
     client.set("after", "y")
-    moment = int(datetime.now(UTC).timestamp()) + 1
+    moment = int(datetime.now(UTC).timestamp() + BOUND) + 1
     _durable_after(backups, moment)
     stop(daemon)
     chains = _report(config)["chains"]
@@ -137,7 +137,7 @@ def test_a_lost_backlog_starts_a_new_chain(
     ran = cli(config, "restore", "--to-time", _stamp(moment), "--yes", timeout=180)
     assert ran.returncode == 0, ran.stderr[-3000:]
     client = server.client()
-    assert client.get("after") == "y" and client.dbsize() == 5002
+    assert client.get("after") == "y" and client.dbsize() == 5002, ran.stdout + ran.stderr[-3000:]
     client.close()
 
 
