@@ -27,9 +27,9 @@ from tests.pitr import (
     stop,
 )
 
-# The newest write that may be missing before T: a write is stamped when backupd reads it,
-# and the reading thread also fsyncs (pitr.fsync = 1s). Measured here: 10-30 ms on a quiet
-# machine, 0.65 s with four test suites sharing the 2 cores (docs/benchmarks.md).
+# The newest write that may be missing before T: a write is stamped when backupd reads it.
+# Measured here: 6-30 ms (docs/benchmarks.md); the bound leaves room for four test suites
+# sharing the 2 cores.
 LOSS_BOUND = 1.5
 WRITE_FOR = 6.0
 
