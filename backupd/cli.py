@@ -430,8 +430,10 @@ def restore(state: State, backup_id: str, from_: str | None, before: str | None,
 
     if to_time and before:
         raise UsageError("give --to-time or --before, not both")
-    if to_time and (patterns or undo_run or rollback or backup_id != "latest"):
-        raise UsageError("--to-time takes no backup ID, --keys, --undo-keys or --rollback")
+    if to_time and (undo_run or rollback or backup_id != "latest"):
+        raise UsageError("--to-time takes no backup ID, --undo-keys or --rollback")
+    if to_time and patterns:  # a few keys come from a backup: the newest at or before it
+        before, to_time = to_time, None
     if (patterns or undo_run) and (rollback or method or start):
         raise UsageError("--keys and --undo-keys take no --rollback, --method or --start "
                          "(nothing is stopped)")
