@@ -176,8 +176,6 @@ class Daemon:
             self.scheduler.add_job(self.runner.drill, self.plan.drill, id=DRILL_JOB,
                                    name="restore drill", replace_existing=True)
         self.scheduler.start()
-        if cfg.pitr.enabled:
-            self._start_link()
         first_due = now.timestamp() if cfg.schedule.run_on_start else self._next_run()
         self.tracker.update(first_due=first_due, next_run=self._next_run())
         save_state(self.tracker)
@@ -187,6 +185,8 @@ class Daemon:
                  metrics=self.server.address if self.server else None,
                  max_age_s=cfg.metrics.max_age, pid=os.getpid())
         self._say_whether_drills_can_work()
+        if cfg.pitr.enabled:  # after the imports above: a thread importing beside them races
+            self._start_link()
         gap = schedule.longest_gap(self.plan.backup, datetime.now(self.plan.timezone))
         if gap.total_seconds() > cfg.metrics.max_age:
             log.warning("max_age_shorter_than_schedule", longest_gap_s=gap.total_seconds(),

@@ -24,6 +24,7 @@ from pathlib import Path
 import structlog
 
 from backupd import discovery
+from backupd.actions.cycle import run_cycle  # here, not in the link's thread: imports race
 from backupd.config import Config
 from backupd.errors import BackupdError, SnapshotError
 from backupd.pitr.segments import LINK_DOWN, STOPPED, SegmentMeta, SegmentWriter, recover
@@ -125,8 +126,6 @@ class Link:
         return max(segments, key=lambda m: (m.last_time, m.last_offset))
 
     def _take_base(self, stream: ReplicationStream, resume: SegmentMeta | None) -> str:
-        from backupd.actions.cycle import run_cycle
-
         if resume is not None:
             log.warning("pitr_new_chain", previous=resume.base, ended_at=resume.last_time,
                         why="the master answered the partial resync with a full one (its "
