@@ -189,11 +189,21 @@ def upload(state: State, pending: bool) -> None:
 @cli.command(name="list", epilog=EXIT_CODES_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @_location_option(default="all")
+@click.option("--pitr", is_flag=True,
+              help="Show the point-in-time windows (from, to, gaps and why) instead; "
+                   "reads and checks every segment.")
 @pass_state
 @handle_errors
-def list_cmd(state: State, as_json: bool, location: str) -> None:
+def list_cmd(state: State, as_json: bool, location: str, pitr: bool = False) -> None:
     """List backups, newest first."""
     from backupd.actions.catalog import catalog, storages
+
+    if pitr:
+        from backupd.pitr.report import text, windows_report
+
+        report = windows_report(state.config(), location)
+        click.echo(json.dumps(report, indent=2) if as_json else "\n".join(text(report)))
+        return
 
     found = catalog(storages(state.config(), location))
     for name, listing in found.listings.items():
@@ -397,8 +407,8 @@ def health_cmd(state: State) -> None:
               help="Put back the data from before the last restore (also after an "
                    "interrupted restore).")
 @click.option("--to-time", metavar="TIMESTAMP",
-              help="The newest backup at or before this time (as --before, until "
-                   "point-in-time recovery exists).")
+              help="The data as it was at this moment, from a base backup and the "
+                   "point-in-time segments of [pitr] (without any segments: as --before).")
 @click.option("--keys", "patterns", multiple=True, metavar="PATTERN",
               help="Restore only the keys matching this glob (repeatable) into the running "
                    "server, with RESTORE ... ABSTTL: no restart.")
@@ -440,7 +450,10 @@ def restore(state: State, backup_id: str, from_: str | None, before: str | None,
 
     if to_time and before:
         raise UsageError("give --to-time or --before, not both")
-    before = before or to_time
+    if to_time and (undo_run or rollback or backup_id != "latest"):
+        raise UsageError("--to-time takes no backup ID, --undo-keys or --rollback")
+    if to_time and patterns:  # a few keys come from a backup: the newest at or before it
+        before, to_time = to_time, None
     if (patterns or undo_run) and (rollback or method or start):
         raise UsageError("--keys and --undo-keys take no --rollback, --method or --start "
                          "(nothing is stopped)")
@@ -457,7 +470,8 @@ def restore(state: State, backup_id: str, from_: str | None, before: str | None,
     opts = Options(selector=backup_id, source=from_,
                    before=parse_time(before) if before else None,
                    identity_file=identity_file, dry_run=dry_run, yes=yes,
-                   method=method, start=start, force_memory=force_memory, reshard=reshard)
+                   method=method, start=start, force_memory=force_memory, reshard=reshard,
+                   to_time=parse_time(to_time) if to_time else None)
     ui = Ui(echo=click.echo,
             confirm=lambda text: click.confirm(text, default=False, err=True),
             interactive=sys.stdin.isatty(), progress=sys.stderr.isatty())

@@ -236,6 +236,18 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class PitrConfig:
+    """Continuous backup: a replication link that writes the command stream as segments."""
+
+    enabled: bool = False
+    fsync: float = _duration("1s")
+    segment: float = _duration("5m")
+    upload_interval: float = _duration("10s")
+    max_lag: float = _duration("30s")
+    window: float = _duration("7d")
+
+
+@dataclass(frozen=True)
 class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
@@ -248,6 +260,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    pitr: PitrConfig = field(default_factory=PitrConfig)
     source: str = field(default="(defaults)", metadata={"internal": True})
 
 

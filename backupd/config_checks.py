@@ -54,6 +54,7 @@ def iter_errors(config: Config, data: Mapping[str, Any], env: Mapping[str, str],
     yield from _s3(config.s3, env, origin)
     if config.metrics.listen:
         yield from _raised("metrics.listen", lambda: parse_listen(config.metrics.listen, origin))
+    yield from _pitr(config, origin)
     s = config.schedule
     if s.every is not None and s.every <= 0:
         yield "schedule.every", _expected(origin, "schedule.every", "a duration > 0",
@@ -61,6 +62,18 @@ def iter_errors(config: Config, data: Mapping[str, Any], env: Mapping[str, str],
     else:
         yield from _schedule(config, origin)
     yield from _notify(config.notify, origin)
+
+
+def _pitr(config: Config, origin: str) -> Iterator[Problem]:
+    for f in dataclasses.fields(config.pitr):
+        value = getattr(config.pitr, f.name)
+        if f.metadata.get("kind") == "duration" and value <= 0:
+            key = f"pitr.{f.name}"
+            yield key, _expected(origin, key, "a duration > 0", format_duration(value))
+    if config.pitr.enabled and config.redis.cluster.enabled:
+        yield "pitr.enabled", (f"{origin}: keys 'pitr.enabled' and 'redis.cluster.seeds' "
+                               "exclude each other: point-in-time recovery follows one "
+                               "server's replication stream, not a cluster's shards")
 
 
 def _expected(origin: str, key: str, expected: str, got: Any) -> str:

@@ -23,6 +23,7 @@ import logging
 import os
 import select
 import signal
+import threading
 import time
 from dataclasses import replace
 from datetime import datetime
@@ -128,6 +129,25 @@ class Daemon:
         self.runner = Runner(config, metrics, self.tracker, notify.Notifier(config.notify),
                              next_run=self._next_run, on_idle=self.waker.poke)
         self.server: StatusServer | None = None
+        self.link: Any = None  # backupd.pitr.link.Link with [pitr] enabled
+        self.link_thread: threading.Thread | None = None
+
+    def _start_link(self) -> None:
+        """[pitr] enabled: the replication link runs in a thread of its own, all the time."""
+        from backupd.pitr.link import Link
+
+        self.link = Link(self.config, on_durable=lambda t: self.tracker.update(
+            pitr_durable=float(t)))
+        self.tracker.update(pitr_max_lag=self.config.pitr.max_lag)
+        self.metrics.watch_pitr(self.link.status, time.time())
+        self.link_thread = threading.Thread(target=self.link.run, name="pitr-link",
+                                            daemon=True)
+        self.link_thread.start()
+
+    def _stop_link(self) -> None:
+        if self.link is not None and self.link_thread is not None:
+            self.link.stop.set()
+            self.link_thread.join(timeout=self.config.redis.read_timeout)
 
     def run(self) -> None:
         self.waker.install()  # first: a signal during start-up is not lost
@@ -165,6 +185,8 @@ class Daemon:
                  metrics=self.server.address if self.server else None,
                  max_age_s=cfg.metrics.max_age, pid=os.getpid())
         self._say_whether_drills_can_work()
+        if cfg.pitr.enabled:  # after the imports above: a thread importing beside them races
+            self._start_link()
         gap = schedule.longest_gap(self.plan.backup, datetime.now(self.plan.timezone))
         if gap.total_seconds() > cfg.metrics.max_age:
             log.warning("max_age_shorter_than_schedule", longest_gap_s=gap.total_seconds(),
@@ -192,6 +214,7 @@ class Daemon:
                  grace_s=self.plan.shutdown_grace if busy else None)
         self.runner.stopping.set()
         self.scheduler.shutdown(wait=False)
+        self._stop_link()
         self.tracker.update(next_run=None)
         deadline = time.monotonic() + self.plan.shutdown_grace
         while self.runner.busy:

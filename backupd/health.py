@@ -47,7 +47,7 @@ STATE_FORMAT = 1
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 150.0  # five missed heartbeats: far beyond a slow fsync during a big backup
 _TIMES = ("started_at", "first_due", "next_run", "last_attempt", "last_success", "last_error_at",
-          "updated_at", "stopped_at")
+          "updated_at", "stopped_at", "pitr_durable")
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,8 @@ class DaemonState:
     pid: int = field(default_factory=os.getpid)
     host: str = field(default_factory=socket.gethostname)
     version: str = __version__
+    pitr_max_lag: float | None = None  # [pitr] on: /healthz fails past this lag
+    pitr_durable: float | None = None  # the newest fsynced stamp of the point-in-time link
 
     def to_json(self) -> dict[str, Any]:
         """Times as ISO 8601 UTC: the file and /healthz are read by people too."""
@@ -93,6 +95,8 @@ class DaemonState:
                 value = bool(value)
             elif f.name in ("consecutive_failures", "pid"):
                 value = int(value)
+            elif f.name == "pitr_max_lag":
+                value = None if value is None else float(value)
             elif not isinstance(value, str):
                 raise ValueError(f"{f.name}: expected a string")
             values[f.name] = value
@@ -117,6 +121,9 @@ def evaluate(state: DaemonState, now: float, max_age: float,
         return Verdict(False, "unresponsive",
                        f"the daemon has not updated its state for {_ago(now - state.updated_at)} "
                        f"(since {iso_time(state.updated_at)}): is it running?")
+    lagging = pitr_lag(state, state.updated_at if stale_after is not None else now)
+    if lagging is not None:
+        return lagging
     error = f"; last error ({iso_time(state.last_error_at)}): {state.last_error}" \
         if state.last_error else ""
     if state.last_success is not None and now - state.last_success <= max_age:
@@ -133,6 +140,21 @@ def evaluate(state: DaemonState, now: float, max_age: float,
     return Verdict(False, "stale", f"{last} (metrics.max_age {_ago(max_age)}){error}")
 
 
+def pitr_lag(state: DaemonState, now: float) -> Verdict | None:
+    """Unhealthy when the point-in-time link's newest durable second is older than
+    pitr.max_lag (since the start, before the first one): writes since would be lost."""
+    if state.pitr_max_lag is None:
+        return None
+    durable = state.pitr_durable
+    lag = now - (durable if durable is not None else state.started_at)
+    if lag <= state.pitr_max_lag:
+        return None
+    since = f"the newest durable second is {iso_time(durable)}" if durable is not None \
+        else f"no durable second since the start ({iso_time(state.started_at)})"
+    return Verdict(False, "pitr_lag", f"point-in-time lag {_ago(lag)} > pitr.max_lag "
+                                      f"{_ago(state.pitr_max_lag)}: {since}")
+
+
 def body(state: DaemonState, verdict: Verdict) -> dict[str, Any]:
     """The /healthz JSON document."""
     return {
@@ -145,6 +167,8 @@ def body(state: DaemonState, verdict: Verdict) -> dict[str, Any]:
         "next_run": iso_time(state.next_run),
         "running": state.running,
         "started_at": iso_time(state.started_at),
+        **({"pitr_durable": iso_time(state.pitr_durable)}
+           if state.pitr_max_lag is not None else {}),
     }
 
 

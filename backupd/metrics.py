@@ -10,6 +10,7 @@ newest local backup, so a restart does not reset it to 0 and page someone.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,6 +24,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from backupd import __version__
 from backupd.manifest import Manifest
+
+if TYPE_CHECKING:
+    from backupd.pitr.link import LinkStatus
 
 # Backups take seconds (small Redis) to hours (tens of GB over a slow disk).
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
@@ -67,6 +71,17 @@ class Metrics:
                                    "Unix time of the last successful restore drill", registry=r)
         self.drills = Counter("backupd_drills", "Scheduled restore drills by outcome",
                               ["outcome"], registry=r)
+        self.pitr_lag = Gauge("backupd_pitr_lag_seconds",
+                              "Now minus the newest durable second of the point-in-time link",
+                              registry=r)
+        self.pitr_link_up = Gauge("backupd_pitr_link_up",
+                                  "1 while the point-in-time replication link streams",
+                                  registry=r)
+        self.pitr_segments = Gauge("backupd_pitr_segments",
+                                   "Segments closed by the point-in-time link since the start",
+                                   registry=r)
+        self.pitr_bytes = Gauge("backupd_pitr_bytes",
+                                "Bytes written into segments since the start", registry=r)
         Info("backupd_build", "backupd version", registry=r).info({"version": __version__})
         for outcome in ("success", "failure"):  # export zeros, so rate() works from the start
             self.backups.labels(outcome=outcome)
@@ -116,6 +131,14 @@ class Metrics:
 
     def drill_failed(self) -> None:
         self.drills.labels(outcome="failure").inc()
+
+    def watch_pitr(self, status: LinkStatus, started: float) -> None:
+        """The point-in-time series read the link's status at each scrape."""
+        self.pitr_lag.set_function(lambda: time.time() - (
+            status.durable_time if status.durable_time is not None else started))
+        self.pitr_link_up.set_function(lambda: 1.0 if status.up else 0.0)
+        self.pitr_segments.set_function(lambda: status.segments)
+        self.pitr_bytes.set_function(lambda: status.bytes)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

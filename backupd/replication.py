@@ -40,8 +40,15 @@ WAIT_LOGGED = 1.0  # a wait for the RDB longer than this is logged, with the hin
 class ReplicationStream:
     """One full sync from `endpoint`, read as a stream of RDB bytes (see the module)."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint, *, rdb_only: bool = True,
+                 resume: tuple[str, int] | None = None) -> None:
+        """`rdb_only=False` keeps the connection for the command stream after the RDB
+        (`detach`); `resume` = (replid, last offset received) asks for a partial resync,
+        which `continued` says the master granted (then no RDB comes)."""
         self._endpoint = endpoint
+        self._want_rdb_only = rdb_only
+        self._resume = resume
+        self.continued = False
         cfg = endpoint.cfg
         self._deadline = time.monotonic() + cfg.save_timeout
         self._buf = b""
@@ -78,17 +85,33 @@ class ReplicationStream:
                 user = ep.username or "default"
                 raise RedisAuthError(f"{ep.where} rejected the password for user {user!r} "
                                      "(replication stream)")
-        self._expect_ok(self._command("REPLCONF", "capa", "eof"), "REPLCONF capa eof")
-        reply = self._command("REPLCONF", "rdb-only", "1")
-        if reply.startswith("-NOPERM"):
-            self._refused("REPLCONF", reply)
-        if reply.startswith("-"):
+        self._expect_ok(self._command("REPLCONF", "capa", "eof", "capa", "psync2"),
+                        "REPLCONF capa eof")
+        if self._want_rdb_only:
+            reply = self._command("REPLCONF", "rdb-only", "1")
+            if reply.startswith("-NOPERM"):
+                self._refused("REPLCONF", reply)
+            if reply.startswith("-"):
+                self.rdb_only = False
+                log.warning("replication_no_rdb_only", where=ep.where, reply=reply[:200],
+                            action="full sync; the connection is closed right after the RDB")
+        else:
             self.rdb_only = False
-            log.warning("replication_no_rdb_only", where=ep.where, reply=reply[:200],
-                        action="full sync; the connection is closed right after the RDB")
         started = time.monotonic()
-        self._send("PSYNC", "?", "-1")
+        if self._resume is not None:
+            self._send("PSYNC", self._resume[0], str(self._resume[1] + 1))
+        else:
+            self._send("PSYNC", "?", "-1")
         line = self._line()
+        if line.startswith("+CONTINUE"):
+            parts = line.split()
+            assert self._resume is not None
+            self.master_replid = parts[1] if len(parts) > 1 else self._resume[0]
+            self.master_repl_offset = self._resume[1]
+            self.continued, self._done = True, True
+            log.info("replication_continued", where=ep.where, replid=self.master_replid,
+                     offset=self.master_repl_offset)
+            return
         if line.startswith("-NOPERM"):
             log.warning("replication_no_psync", where=ep.where,
                         action="SYNC instead: the manifest's master_repl_offset is INFO's "
@@ -176,7 +199,8 @@ class ReplicationStream:
             if data:
                 self._got(data)
                 return data
-        self.close()
+        if self._want_rdb_only:
+            self.close()
         return b""
 
     def _until_mark(self, data: bytes) -> bytes:
@@ -185,6 +209,7 @@ class ReplicationStream:
         end = pending.find(self._mark)
         if end >= 0:
             self._done, self._pending = True, b""
+            self._buf = pending[end + len(self._mark):]  # the command stream's first bytes
             return pending[:end]
         keep = len(self._mark) - 1
         self._pending = pending[-keep:]
@@ -229,6 +254,15 @@ class ReplicationStream:
         if self._sock is None:
             raise SnapshotError("the replication stream is closed")
         return self._sock
+
+    def detach(self) -> tuple[socket.socket, bytes]:
+        """The connection after the RDB (or the +CONTINUE) and the bytes of the command
+        stream already read; the stream is closed for reading from here on."""
+        if not self._done or self._sock is None:
+            raise SnapshotError("the replication stream was detached before its RDB ended")
+        sock, rest = self._sock, self._buf
+        self._sock, self._buf = None, b""
+        return sock, rest
 
     def close(self) -> None:
         if self._sock is not None:

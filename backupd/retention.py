@@ -15,6 +15,7 @@ Reason strings on kept decisions:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
@@ -144,3 +145,18 @@ def explain(decisions: Sequence[Decision]) -> dict[str, int]:
     """Counts for logs and metrics: {"keep": n, "delete": m}."""
     kept = sum(1 for d in decisions if d.keep)
     return {"keep": kept, "delete": len(decisions) - kept}
+
+
+def keep_chain_bases(decisions: list[Decision], chain_ends: dict[str, datetime],
+                     window: timedelta, now: datetime) -> list[Decision]:
+    """Keep every base whose point-in-time chain reaches into the window (its newest segment
+    is newer than now - window): deleting it would take the chain with it."""
+    out = []
+    for decision in decisions:
+        end = chain_ends.get(decision.backup_id)
+        if not decision.keep and end is not None and now - end <= window:
+            decision = dataclasses.replace(
+                decision, keep=True,
+                reasons=(f"point-in-time base (pitr.window {_span(window)})",))
+        out.append(decision)
+    return out

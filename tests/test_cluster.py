@@ -202,6 +202,7 @@ def test_manifest_shards_are_parsed_strictly(cluster: LocalCluster, tmp_path: Pa
     ('host = "10.0.0.1"', "exclude each other"),
     ('[redis.sentinel]\nhosts = ["127.0.0.1:26379"]\nmaster_name = "m"',
      "exclude each other"),
+    ('[pitr]\nenabled = true', "'pitr.enabled' and 'redis.cluster.seeds' exclude each other"),
 ])
 def test_cluster_config_is_checked(tmp_path: Path, extra: str, message: str) -> None:
     config = tmp_path / "c.toml"

@@ -121,12 +121,14 @@ def check_tag(tag: str) -> str:
 
 def run_backup(config: Config, *, trigger: str = "manual", tag: str = "",
                env: Mapping[str, str] | None = None,
-               follower: Follower | None = None, listing: Listing | None = None) -> Manifest:
+               follower: Follower | None = None, listing: Listing | None = None,
+               stream: replication.ReplicationStream | None = None) -> Manifest:
     """Take one backup into the local directory; returns its committed manifest.
 
     The caller holds `backup_lock` on the backup directory (`listing`: the directory's, taken
     under it; listed here when not given). `follower` reads the artifact while it is written
-    (the S3 upload in parts)."""
+    (the S3 upload in parts). `stream`: a full sync already under way (the point-in-time
+    link's), packed as the replication source's; it stays open."""
     if config.redis.cluster.enabled:  # one snapshot per shard, one manifest
         from backupd.actions.cluster_backup import run_cluster_backup
 
@@ -143,8 +145,9 @@ def run_backup(config: Config, *, trigger: str = "manual", tag: str = "",
     client = source.connect_endpoint(endpoint)
     try:
         repl_facts, replica_warnings = source.replication(client, endpoint)
-        if config.redis.source == "replication":
-            taken = _from_replication(client, endpoint, storage, previous, config, follower)
+        if config.redis.source == "replication" or stream is not None:
+            taken = _from_replication(client, endpoint, storage, previous, config, follower,
+                                      stream)
         else:
             taken = _from_volume(client, endpoint, storage, previous, config, follower)
     finally:
@@ -166,7 +169,7 @@ def run_backup(config: Config, *, trigger: str = "manual", tag: str = "",
         warnings=replica_warnings + anomalies(keys, packed.raw.size, previous),
         upload="pending" if config.s3.enabled else "none",
         replication={**repl_facts, **taken.facts}, sentinel=endpoint.sentinel,
-        source=config.redis.source,
+        source="replication" if stream is not None else config.redis.source,
     )
     check_stored(storage, manifest)
     checkpoints.reached("manifest")
@@ -219,18 +222,19 @@ def _from_volume(client: redis.Redis, endpoint: Endpoint, storage: LocalStorage,
 
 def _from_replication(client: redis.Redis, endpoint: Endpoint, storage: LocalStorage,
                       previous: Manifest | None, config: Config,
-                      follower: Follower | None) -> _Taken:
+                      follower: Follower | None,
+                      given: replication.ReplicationStream | None = None) -> _Taken:
     """A full sync over the replication protocol, packed as it arrives (redis.source =
     replication): no data volume, no BGSAVE file. A failed stream is not retried here: the
     next run takes a new one."""
     with source.redis_errors(endpoint.cfg, True):
         server = source.server_info(client, endpoint.cfg)
-        delay = replication.diskless_delay(client)
+        delay = replication.diskless_delay(client) if given is None else None
     if delay:
         log.info("replication_sync_delay", seconds=delay,
                  hint="the master waits repl-diskless-sync-delay before a diskless transfer; "
                       "CONFIG SET repl-diskless-sync-delay 0 if no replicas need to join")
-    stream = replication.ReplicationStream(endpoint)
+    stream = given or replication.ReplicationStream(endpoint)
     try:
         backup_id, moment = next_id(mf.now_utc(), previous)
         name = _artifact_name(backup_id, config)
@@ -243,7 +247,8 @@ def _from_replication(client: redis.Redis, endpoint: Endpoint, storage: LocalSto
                       recipients=config.backup.age_recipients, follower=follower,
                       observe=sampler)
     finally:
-        stream.close()
+        if given is None:
+            stream.close()
     keys_per_db, keys_exact = count_keys(stream.head, server.keys_per_db)
     return _Taken(backup_id, moment, name, packed, server, keys_per_db, keys_exact,
                   sample_of(sampler), stream.facts(server.persistence))

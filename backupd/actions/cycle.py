@@ -16,10 +16,11 @@ from pathlib import Path
 import structlog
 
 from backupd.actions.backup import backup_lock, run_backup
-from backupd.actions.prune import Report, policy_for, prune_location
+from backupd.actions.prune import Report, chains_for, policy_for, prune_location
 from backupd.config import Config
 from backupd.errors import UploadPending
 from backupd.manifest import Manifest, now_utc
+from backupd.replication import ReplicationStream
 from backupd.storage.base import Storage
 from backupd.storage.local import LocalStorage
 
@@ -36,7 +37,8 @@ class CycleResult:
 
 def run_cycle(config: Config, *, trigger: str = "manual", tag: str = "", prune: bool = True,
               env: Mapping[str, str] | None = None,
-              on_backup: Callable[[Manifest], None] | None = None) -> CycleResult:
+              on_backup: Callable[[Manifest], None] | None = None,
+              stream: ReplicationStream | None = None) -> CycleResult:
     """Back up now, upload, prune. Raises a BackupdError on failure (UploadPending when only
     the upload failed: the local backup exists then)."""
     local = LocalStorage(Path(config.backup.dir))
@@ -62,17 +64,17 @@ def run_cycle(config: Config, *, trigger: str = "manual", tag: str = "", prune: 
         # The upload starts while the artifact is being written; it is committed only in
         # upload(), after the local manifest, and aborted if the backup fails before that.
         # A cluster backup's shards are uploaded once all are committed (upload.upload).
-        streamed = remote is not None and not config.redis.cluster.enabled
-        stream = remote.start_upload() if streamed and remote is not None else None
+        upload_stream = (remote.start_upload()
+                         if remote is not None and not config.redis.cluster.enabled else None)
         try:
-            manifest = run_backup(config, trigger=trigger, tag=tag, env=env, follower=stream,
-                                  listing=listing)
+            manifest = run_backup(config, trigger=trigger, tag=tag, env=env,
+                                  follower=upload_stream, listing=listing, stream=stream)
             result = CycleResult(manifest, pending_uploaded=pending_uploaded)
             if on_backup is not None:
                 on_backup(manifest)
         except BaseException:
-            if stream is not None:
-                stream.abort()
+            if upload_stream is not None:
+                upload_stream.abort()
             raise
         upload_error: UploadPending | None = None
         if remote is not None:
@@ -80,7 +82,7 @@ def run_cycle(config: Config, *, trigger: str = "manual", tag: str = "", prune: 
 
             try:
                 result.manifest = upload(local, remote, manifest, config.s3.keep_local,
-                                         stream=stream)
+                                         stream=upload_stream)
                 result.uploaded = True
             except UploadPending as exc:
                 upload_error = exc
@@ -89,7 +91,8 @@ def run_cycle(config: Config, *, trigger: str = "manual", tag: str = "", prune: 
             if remote is not None and upload_error is None:
                 targets.append(remote)
             result.prune_reports = [
-                prune_location(storage, policy_for(config, storage.name), now=now_utc())
+                prune_location(storage, policy_for(config, storage.name), now=now_utc(),
+                               chains=chains_for(config, storage))
                 for storage in targets]
     if upload_error is not None:
         raise upload_error

@@ -11,16 +11,21 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from backupd import manifest as mf
 from backupd.config import Config
 from backupd.errors import BackupdError
-from backupd.retention import Decision, Policy, plan
+from backupd.retention import Decision, Policy, keep_chain_bases, plan
 from backupd.storage.base import Orphan, Storage
+
+if TYPE_CHECKING:
+    from backupd.pitr.segments import SegmentMeta
+    from backupd.pitr.store import SegmentStore
 
 log = structlog.get_logger("backupd.prune")
 ORPHAN_MIN_AGE = timedelta(days=1)  # younger leftovers may be an upload still in flight
@@ -58,10 +63,11 @@ def policy_for(config: Config, location: str) -> Policy:
 
 
 def prune_location(storage: Storage, policy: Policy, *, now: datetime, dry_run: bool = False,
-                   orphans: bool = False) -> Report:
+                   orphans: bool = False, chains: Chains | None = None) -> Report:
     """Plan and delete; a prune that could not run or could not delete is logged as a warning
-    or an error (a backup run prunes too, and its exit code is about the backup)."""
-    report = _prune(storage, policy, now=now, dry_run=dry_run, orphans=orphans)
+    or an error (a backup run prunes too, and its exit code is about the backup). `chains`:
+    the point-in-time segments beside the backups (bases kept, chains pruned with them)."""
+    report = _prune(storage, policy, now=now, dry_run=dry_run, orphans=orphans, chains=chains)
     if report.error:
         log.warning("prune_skipped", location=storage.name, error=report.error)
     if report.failed:
@@ -70,8 +76,28 @@ def prune_location(storage: Storage, policy: Policy, *, now: datetime, dry_run: 
     return report
 
 
+@dataclass(frozen=True)
+class Chains:
+    """The segment store of a location and how far back its windows are kept."""
+
+    store: SegmentStore
+    window: timedelta
+
+
+def chains_for(config: Config, storage: Storage) -> Chains:
+    from backupd.pitr.store import LocalSegments, S3Segments
+
+    window = timedelta(seconds=config.pitr.window)
+    if storage.name == "s3":
+        from backupd.storage.s3 import S3Storage
+
+        assert isinstance(storage, S3Storage)
+        return Chains(S3Segments(storage), window)
+    return Chains(LocalSegments(Path(config.backup.dir)), window)
+
+
 def _prune(storage: Storage, policy: Policy, *, now: datetime, dry_run: bool,
-           orphans: bool) -> Report:
+           orphans: bool, chains: Chains | None = None) -> Report:
     report = Report(storage.name)
     try:
         listing = storage.listing()
@@ -83,6 +109,18 @@ def _prune(storage: Storage, policy: Policy, *, now: datetime, dry_run: bool,
         report.error = "the listing may be incomplete, nothing deleted"
         return report
     decisions = plan([(m.id, mf.id_time(m.id)) for m in listing.manifests], policy, now=now)
+    segments: list[SegmentMeta] = []
+    if chains is not None:
+        try:
+            segments = chains.store.listing().segments
+        except BackupdError as exc:
+            report.error = f"cannot list the point-in-time segments, nothing deleted: {exc}"
+            return report
+        ends: dict[str, datetime] = {}
+        for seg in segments:
+            end = datetime.fromtimestamp(seg.last_time, UTC)
+            ends[seg.base] = max(end, ends.get(seg.base, end))
+        decisions = keep_chain_bases(decisions, ends, chains.window, now)
     pending = {m.id for m in listing.manifests if m.upload == "pending"}
     report.decisions = [_keep_pending(d) if d.backup_id in pending and storage.name == "local"
                         else d for d in decisions]
@@ -97,6 +135,9 @@ def _prune(storage: Storage, policy: Policy, *, now: datetime, dry_run: bool,
         report.deleted, report.locked, report.failed = result.deleted, result.locked, result.failed
         log.info("pruned", location=storage.name, deleted=len(result.deleted),
                  locked=len(result.locked), failed=result.failed or None)
+    if chains is not None:
+        _prune_chains(chains.store, segments, {d.backup_id for d in report.decisions
+                                               if d.backup_id not in report.deleted}, report)
     old_orphans = [o.name for o in listing.orphans if now - o.modified > ORPHAN_MIN_AGE]
     if old_orphans and orphans:
         result = storage.delete_orphans(old_orphans)
@@ -108,6 +149,18 @@ def _prune(storage: Storage, policy: Policy, *, now: datetime, dry_run: bool,
     return report
 
 
+def _prune_chains(store: SegmentStore, segments: list[SegmentMeta], bases: set[str],
+                  report: Report) -> None:
+    """Segments whose base is gone: a chain never outlives its base."""
+    doomed = [s for s in segments if s.base not in bases]
+    if not doomed:
+        return
+    failed = store.delete_segments(doomed)
+    report.failed.update({stem: "segment not deleted" for stem in failed})
+    log.info("pitr_segments_pruned", location=store.name, deleted=len(doomed) - len(failed),
+             failed=failed or None)
+
+
 def _keep_pending(decision: Decision) -> Decision:
     if decision.keep:
         return decision
@@ -117,4 +170,5 @@ def _keep_pending(decision: Decision) -> Decision:
 def prune(config: Config, chosen: Sequence[Storage], *, now: datetime, dry_run: bool = False,
           orphans: bool = False) -> list[Report]:
     return [prune_location(storage, policy_for(config, storage.name), now=now, dry_run=dry_run,
-                           orphans=orphans) for storage in chosen]
+                           orphans=orphans, chains=chains_for(config, storage))
+            for storage in chosen]

@@ -29,6 +29,7 @@ VERSION_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 LOG_TAIL = 400
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+AOF_NAME = "appendonly.aof"  # the multi-part AOF a point-in-time restore loads
 
 
 def server_identity(binary: str) -> ServerId:
@@ -59,10 +60,13 @@ class Listen:
 
 @contextlib.contextmanager
 def throwaway_server(binary: str, rdb: Path, timeout: float,
-                     listen: Listen | None = None) -> Iterator[redis.Redis]:
+                     listen: Listen | None = None,
+                     aof_dir: str | None = None) -> Iterator[redis.Redis]:
     """Start `binary` on `rdb` (its directory is the server's dir), yield a client once the
     data is loaded, and always stop the server and remove the socket dir. With `listen`, it
-    also listens there, password-protected (the password goes in on stdin, not argv)."""
+    also listens there, password-protected (the password goes in on stdin, not argv). With
+    `aof_dir` it loads that multi-part AOF directory (beside `rdb`) instead, `rdb` being
+    where a SAVE writes."""
     with tempfile.TemporaryDirectory(prefix="backupd-drill-") as sock_dir:
         sock = str(Path(sock_dir) / "redis.sock")
         log_file = rdb.parent / "redis-drill.log"
@@ -71,7 +75,10 @@ def throwaway_server(binary: str, rdb: Path, timeout: float,
         argv = [binary, *(["-"] if listen else []), *tcp, "--unixsocket", sock,
                 "--unixsocketperm", "700",
                 "--dir", str(rdb.parent), "--dbfilename", rdb.name, "--save", "",
-                "--appendonly", "no", "--daemonize", "no", "--logfile", str(log_file)]
+                *(["--appendonly", "yes", "--appenddirname", aof_dir,
+                   "--appendfilename", AOF_NAME, "--aof-load-truncated", "no"]
+                  if aof_dir else ["--appendonly", "no"]),
+                "--daemonize", "no", "--logfile", str(log_file)]
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE if listen else subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 preexec_fn=_dies_with(os.getpid()) if listen else None)

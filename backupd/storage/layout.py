@@ -132,3 +132,44 @@ def parse_upload_orphan_name(text: str) -> tuple[str, str] | None:
     if match is None or owner(match["name"]) is None:
         return None
     return match["name"], match["token"]
+
+
+# -- point-in-time segments (backupd/pitr) --------------------------------------------------
+#
+# Under `pitr/` in a backup directory and under `<prefix>pitr/` in a bucket:
+#
+#     <replid>-<first offset, 20 digits>.resp      the segment: the command stream as received
+#     <replid>-<first offset, 20 digits>.json      its metadata: written last, the commit marker
+#     <replid>-<first offset, 20 digits>.open      (local) the segment being written
+#     <replid>-<first offset, 20 digits>.progress  (local) its durable length and offset
+#     <replid>-<first offset, 20 digits>.part      (S3) the open segment's durable part so far
+#     <replid>-<first offset, 20 digits>.part.json (S3) its metadata, written after it
+#
+# A `.resp` without its `.json` is never a segment: an open or interrupted one. A `.part`
+# counts only while no `.json` of the same segment exists.
+
+SEGMENT_DIR = "pitr"
+SEGMENT_DATA_EXT = ".resp"
+SEGMENT_META_EXT = ".json"
+SEGMENT_OPEN_EXT = ".open"
+SEGMENT_PROGRESS_EXT = ".progress"
+SEGMENT_PART_EXT = ".part"
+SEGMENT_PART_META_EXT = ".part.json"
+_SEGMENT_RE = re.compile(r"^(?P<replid>[0-9a-f]{40})-(?P<offset>\d{20})"
+                         r"(?P<ext>\.resp|\.json|\.open|\.progress|\.part\.json|\.part)$")
+
+
+def segment_stem(replid: str, first_offset: int) -> str:
+    """The common part of a segment's names; ValueError for a replid or offset not ours."""
+    stem = f"{replid}-{first_offset:020d}"
+    if first_offset < 0 or _SEGMENT_RE.fullmatch(stem + SEGMENT_META_EXT) is None:
+        raise ValueError(f"not a segment name: replid {replid[:48]!r} offset {first_offset}")
+    return stem
+
+
+def segment_of(name: str) -> tuple[str, int, str] | None:
+    """(replid, first offset, extension) of a segment file name of ours, or None."""
+    match = _SEGMENT_RE.fullmatch(name)
+    if match is None:
+        return None
+    return match["replid"], int(match["offset"]), match["ext"]

@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -169,25 +169,49 @@ def restore(config: Config, opts: Options, ui: Ui,
         else:
             settle_leftovers(ctx.data_dir, ctx.link)
             leftovers = []
-        selected = select_backup(config, opts.selector, opts.before, opts.source, env)
-        identities = identities_for(selected.manifest, opts.identity_file)
-        prepared = _prepare(ctx, selected)
-        if opts.dry_run:
-            fetch_and_check(selected, None, identities, ui.progress)
-            ui.echo(plan_text(ctx, selected, prepared, leftovers))
-            return 0
-        staged = stage(selected, prepared.target, ctx.data_dir, identities, prepared.owner,
-                       ui.progress)
-        checkpoints.reached("restore-staged")
-        try:
-            check_version(selected.manifest, staged.rdb_version, prepared.target,
-                          ctx.controller, ctx.data_dir)
-            if not opts.yes and not ui.confirm(prompt_text(ctx, selected, prepared)):
-                raise RestoreError("restore cancelled; nothing was changed")
-            with _failover_held_off(ctx):
-                _replace(ctx, selected, prepared, staged)
-        finally:
-            remove_tree(staged.dir)
+        with choose_backup(config, opts, ui, env) as selected:
+            return _restore_selected(ctx, selected, leftovers)
+
+
+@contextlib.contextmanager
+def choose_backup(config: Config, opts: Options, ui: Ui,
+                  env: Mapping[str, str] | None) -> Iterator[Selected]:
+    """The backup a restore puts back: the one asked for, or with --to-time the data at
+    that moment, rebuilt from a base and its point-in-time segments (backupd/pitr)."""
+    if opts.to_time is None:
+        yield select_backup(config, opts.selector, opts.before, opts.source, env)
+        return
+    from backupd.pitr.rebuild import point_in_time
+
+    with point_in_time(config, opts, opts.to_time, ui, env) as rebuilt:
+        if rebuilt is None:
+            ui.echo(f"no point-in-time segments: restoring the newest backup at or before "
+                    f"{mf.format_time(opts.to_time)} (as --before)")
+            yield select_backup(config, opts.selector, opts.to_time, opts.source, env)
+        else:
+            yield rebuilt
+
+
+def _restore_selected(ctx: Context, selected: Selected, leftovers: Sequence[str]) -> int:
+    opts, ui = ctx.opts, ctx.ui
+    identities = identities_for(selected.manifest, opts.identity_file)
+    prepared = _prepare(ctx, selected)
+    if opts.dry_run:
+        fetch_and_check(selected, None, identities, ui.progress)
+        ui.echo(plan_text(ctx, selected, prepared, leftovers))
+        return 0
+    staged = stage(selected, prepared.target, ctx.data_dir, identities, prepared.owner,
+                   ui.progress)
+    checkpoints.reached("restore-staged")
+    try:
+        check_version(selected.manifest, staged.rdb_version, prepared.target,
+                      ctx.controller, ctx.data_dir)
+        if not opts.yes and not ui.confirm(prompt_text(ctx, selected, prepared)):
+            raise RestoreError("restore cancelled; nothing was changed")
+        with _failover_held_off(ctx):
+            _replace(ctx, selected, prepared, staged)
+    finally:
+        remove_tree(staged.dir)
     return 0
 
 

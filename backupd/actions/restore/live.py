@@ -36,7 +36,6 @@ from backupd.actions.restore.staging import (
     identities_for,
     remove_tree,
     sample_keys,
-    select_backup,
 )
 from backupd.config import Config
 from backupd.controllers.throwaway import Listen, server_identity, throwaway_server
@@ -62,7 +61,14 @@ def restore_live(config: Config, opts: Options, ui: Ui,
                  env: Mapping[str, str] | None = None) -> int:
     """Run `backupd restore` with the replicaof method; 0, or raises BackupdError."""
     require_confirmation_possible(opts.yes, opts.dry_run, ui)
-    selected = select_backup(config, opts.selector, opts.before, opts.source, env)
+    from backupd.actions.restore import choose_backup
+
+    with choose_backup(config, opts, ui, env) as selected:
+        return _restore_live(config, opts, ui, env, selected)
+
+
+def _restore_live(config: Config, opts: Options, ui: Ui, env: Mapping[str, str] | None,
+                  selected: Selected) -> int:
     identities = identities_for(selected.manifest, opts.identity_file)
     endpoint = discovery.resolve(config.redis, env, for_restore=True)
     target = source.connect_endpoint(endpoint)

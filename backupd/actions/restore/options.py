@@ -23,6 +23,7 @@ class Options:
     start: bool = False
     force_memory: bool = False
     reshard: bool = False  # a cluster backup into a cluster of another shape
+    to_time: datetime | None = None  # point in time (backupd/pitr); else as `before`
 
 
 @dataclass(frozen=True)
