@@ -26,7 +26,7 @@ from moto.server import ThreadedMotoServer
 from backupd import config as config_mod
 from backupd import manifest as mf
 from backupd.config import S3Config
-from backupd.errors import ConfigError, IntegrityError, StorageError, UsageError
+from backupd.errors import BackupMissing, ConfigError, IntegrityError, StorageError, UsageError
 from backupd.manifest import Manifest, RedisFacts
 from backupd.storage.base import Storage
 from backupd.storage.s3 import S3Storage, make_client, part_size
@@ -362,6 +362,22 @@ def test_artifact_of_wrong_size_is_broken(store: S3Storage, tmp_path: Path) -> N
     store.put(path, man)
     store.client.put_object(Bucket=BUCKET, Key=PREFIX + man.artifact, Body=b"short")
     assert "5 bytes" in store.listing().broken[man.id]
+    assert store.artifact_problem(store.read_manifest(man.id)) == store.listing().broken[man.id]
+
+
+def test_an_unreadable_manifest_or_artifact_is_not_a_missing_backup(store: S3Storage,
+                                                                    tmp_path: Path) -> None:
+    path, man = make_backup(tmp_path)
+    store.put(path, man)
+    denied = {"Error": {"Code": "InternalError", "Message": "We encountered an error"}}
+    on(store, "before-call.s3.HeadObject", lambda **kw: fake_response(500, denied))
+    with pytest.raises(StorageError, match="cannot check the artifact") as err:
+        store.artifact_problem(man)
+    assert not isinstance(err.value, BackupMissing)
+    on(store, "before-call.s3.GetObject", lambda **kw: fake_response(500, denied))
+    with pytest.raises(StorageError, match="cannot read the manifest") as err:
+        store.read_manifest(man.id)
+    assert not isinstance(err.value, BackupMissing)
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"[]", b'{"id": "x"}', b"x" * (MiB + 10)])
@@ -397,7 +413,7 @@ def test_unreadable_manifest_makes_the_listing_incomplete(store: S3Storage,
 
 def test_read_manifest_and_open_missing(store: S3Storage, tmp_path: Path) -> None:
     _, man = make_backup(tmp_path)
-    with pytest.raises(StorageError, match="does not exist"):
+    with pytest.raises(BackupMissing, match="does not exist"):
         store.read_manifest(man.id)
     with pytest.raises(StorageError, match="does not exist"), store.open_artifact(man):
         pass

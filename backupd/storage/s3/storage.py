@@ -26,7 +26,7 @@ from botocore.exceptions import ClientError
 from backupd import checkpoints
 from backupd import manifest as mf
 from backupd.config import S3Config
-from backupd.errors import IntegrityError, StorageError
+from backupd.errors import BackupMissing, IntegrityError, StorageError
 from backupd.manifest import Manifest
 from backupd.storage import layout
 from backupd.storage.base import DeleteResult, Listing, Orphan
@@ -36,6 +36,7 @@ from backupd.storage.s3.errors import (
     BOTO_ERRORS,
     Reasons,
     error_code,
+    is_missing_key,
 )
 from backupd.storage.s3.multipart import CHECKSUMS, MiB, StreamingUpload, part_size
 from backupd.streams import RawReader
@@ -272,8 +273,11 @@ class S3Storage:
             finally:
                 body.close()
         except BOTO_ERRORS as exc:
-            raise self.reasons.error(f"cannot read the manifest of backup {backup_id}", exc,
-                              key) from None
+            error = self.reasons.error(f"cannot read the manifest of backup {backup_id}", exc,
+                                       key)
+            if is_missing_key(exc):
+                raise BackupMissing(str(error)) from None
+            raise error from None
         return mf.parse(data, expected_id=backup_id)
 
     def read_manifest(self, backup_id: str) -> Manifest:
@@ -281,6 +285,21 @@ class S3Storage:
         unreadable, UsageError if `backup_id` is not an id."""
         layout.check_id(backup_id)
         return self._fetch_manifest(backup_id)
+
+    def artifact_problem(self, manifest: Manifest) -> str | None:
+        """One HEAD: present, and of the size the manifest says (as `listing` checks)."""
+        key = self.artifact_key(manifest)
+        try:
+            size = int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+        except BOTO_ERRORS as exc:
+            if is_missing_key(exc):
+                return f"artifact {manifest.artifact} missing"
+            raise self.reasons.error(f"cannot check the artifact of backup {manifest.id}", exc,
+                                     key) from None
+        if size != manifest.stored_size:
+            return (f"artifact {manifest.artifact} is {size} bytes, the manifest says "
+                    f"{manifest.stored_size}")
+        return None
 
     def open_artifact(self, manifest: Manifest) -> AbstractContextManager[BinaryIO]:
         """A streaming reader of the stored artifact; StorageError if it is missing. Read
