@@ -810,3 +810,5 @@ def test_the_cache_is_bounded_least_recently_used_first(tmp_path: Path) -> None:
     assert cache.get(where[0], "another etag") is None and cache.get(where[0], "") is None
     cache.drop([where[0]])
     assert cache.get(where[0], "etag") is None and cache.get(where[2], "etag") == mans[2]
+    cache.clear()
+    assert len(cache) == 0

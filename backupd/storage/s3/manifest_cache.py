@@ -59,6 +59,10 @@ class ManifestCache:
             for key in [k for k in self._entries if k[0] in gone]:
                 del self._entries[key]
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
