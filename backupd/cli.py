@@ -255,7 +255,7 @@ def verify(state: State, backup_id: str, all_: bool, deep: bool, identity_file: 
     """Check stored backups: SHA-256, and the RDB CRC where the backup can be read."""
     if drill:
         return _verify_drill(state, backup_id, all_, identity_file, location)
-    from backupd.actions.catalog import catalog, storages
+    from backupd.actions.catalog import catalog, find_in, storages
     from backupd.actions.verify import verify as verify_one
     from backupd.codecs import load_identities
 
@@ -263,10 +263,13 @@ def verify(state: State, backup_id: str, all_: bool, deep: bool, identity_file: 
     identities = load_identities(identity_file) if identity_file else []
     failed = 0
     for storage in storages(cfg, location):
-        found = catalog([storage])
-        listing = found.listings[storage.name]
-        targets = [e.manifest for e in found.entries] if all_ else [
-            found.find(backup_id).manifest]
+        broken: dict[str, str] = {}
+        if all_:
+            found = catalog([storage])
+            targets, broken = [e.manifest for e in found.entries], found.listings[
+                storage.name].broken
+        else:
+            targets = [find_in(storage, backup_id)]
         for manifest in targets:
             outcome = verify_one(storage, manifest, identities=identities, deep=deep,
                                  redis_check_rdb=cfg.verify.redis_check_rdb,
@@ -281,10 +284,9 @@ def verify(state: State, backup_id: str, all_: bool, deep: bool, identity_file: 
                 failed += 1
                 log.error("backup_corrupt", id=manifest.id, location=storage.name,
                           problems=outcome.problems)
-        if all_:
-            for broken_id, why in listing.broken.items():
-                click.echo(f"{'CORRUPT':8} {broken_id} [{storage.name}] {why}")
-                failed += 1
+        for broken_id, why in broken.items():
+            click.echo(f"{'CORRUPT':8} {broken_id} [{storage.name}] {why}")
+            failed += 1
     if failed:
         log.error("verify_failed", corrupt=failed)
         sys.exit(EXIT_INTEGRITY)
@@ -551,7 +553,7 @@ def _verify_drill(state: State, backup_id: str, all_: bool, identity_file: str |
                   location: str) -> None:
     """`verify --drill`: restore into a throwaway redis-server; exit 3 on a key mismatch,
     1 when the drill cannot run (e.g. redis-server older than the RDB)."""
-    from backupd.actions.catalog import catalog, storages
+    from backupd.actions.catalog import find_in, storages
     from backupd.actions.restore.drill import drill
     from backupd.codecs import load_identities
     from backupd.errors import UsageError
@@ -562,7 +564,7 @@ def _verify_drill(state: State, backup_id: str, all_: bool, identity_file: str |
     identities = load_identities(identity_file) if identity_file else []
     worst = 0
     for storage in storages(cfg, location):
-        manifest = catalog([storage]).find(backup_id).manifest
+        manifest = find_in(storage, backup_id)
         if manifest.encrypted and not identities:
             raise UsageError(f"backup {manifest.id} is encrypted: give --identity-file")
         result = drill(cfg, storage, manifest, identities,

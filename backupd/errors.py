@@ -63,6 +63,11 @@ class StorageError(OperationError):
     """A storage backend (local directory or S3) failed."""
 
 
+class BackupMissing(StorageError):
+    """This location does not hold the backup: told apart from a location that cannot be read,
+    so that choosing a backup by id can look in the next location instead of failing."""
+
+
 class UploadPending(StorageError):
     """The upload failed; the local copy is kept and marked pending."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from backupd import manifest as mf
-from backupd.errors import IntegrityError, StorageError
+from backupd.errors import BackupMissing, IntegrityError, StorageError
 from backupd.manifest import Manifest
 from backupd.storage import layout
 from backupd.storage.base import DeleteResult, Listing, Orphan
@@ -66,7 +66,7 @@ class MemoryStorage:
         self.calls.append("listing")
         if self.faults.listing is not None:
             raise self.faults.listing
-        listing = listing_of(sorted(self.objects), self.read_manifest, lambda name: Orphan(
+        listing = listing_of(sorted(self.objects), self._manifest, lambda name: Orphan(
             name, self.objects[name].modified, len(self.objects[name].data)))
         # As S3Storage: a manifest that could not be read (not a bad file) may hide a backup.
         listing.complete = not self.faults.incomplete and not (
@@ -74,13 +74,23 @@ class MemoryStorage:
         return listing
 
     def read_manifest(self, backup_id: str) -> Manifest:
+        self.calls.append(f"read_manifest {backup_id}")
+        return self._manifest(backup_id)
+
+    def _manifest(self, backup_id: str) -> Manifest:
         name = layout.manifest_name(backup_id)
         if backup_id in self.faults.unreadable:
             raise StorageError(f"cannot read the manifest of backup {backup_id}")
         obj = self.objects.get(name)
         if obj is None:
-            raise StorageError(f"backup {backup_id} does not exist in memory")
+            raise BackupMissing(f"backup {backup_id} does not exist in memory")
         return mf.parse(obj.data, expected_id=backup_id)
+
+    def artifact_problem(self, manifest: Manifest) -> str | None:
+        self.calls.append(f"artifact_problem {manifest.id}")
+        if manifest.artifact in self.objects:
+            return None
+        return f"artifact {manifest.artifact} is missing"
 
     @contextlib.contextmanager
     def open_artifact(self, manifest: Manifest) -> Iterator[BinaryIO]:
@@ -113,7 +123,7 @@ class MemoryStorage:
                 result.deleted.append(backup_id)  # gone already, as in every backend
             else:
                 try:
-                    manifest = self.read_manifest(backup_id)
+                    manifest = self._manifest(backup_id)
                 except (StorageError, IntegrityError) as exc:
                     result.failed[backup_id] = str(exc)
                     continue

@@ -18,7 +18,7 @@ import pytest
 from moto import mock_aws
 
 from backupd.config import S3Config
-from backupd.errors import IntegrityError, StorageError, UsageError
+from backupd.errors import BackupMissing, IntegrityError, StorageError, UsageError
 from backupd.storage import layout
 from backupd.storage.base import Storage
 from backupd.storage.local import LocalStorage
@@ -130,6 +130,15 @@ def test_a_manifest_without_its_artifact_is_broken(backend: Backend, tmp_path: P
     assert man.artifact in listing.broken[man.id] and "missing" in listing.broken[man.id]
     with pytest.raises(StorageError), backend.storage.open_artifact(man):
         pass
+    # Read by id, without a listing: the same words.
+    assert backend.storage.artifact_problem(backend.storage.read_manifest(man.id)) == \
+        listing.broken[man.id]
+
+
+def test_a_stored_backup_has_no_artifact_problem(backend: Backend, tmp_path: Path) -> None:
+    path, man = make_backup(tmp_path)
+    backend.storage.put(path, man)
+    assert backend.storage.artifact_problem(backend.storage.read_manifest(man.id)) is None
 
 
 def test_names_that_are_not_ours_are_never_listed_nor_deleted(backend: Backend,
@@ -160,7 +169,7 @@ def test_delete_removes_the_backup_and_only_it(backend: Backend, tmp_path: Path)
 def test_a_missing_backup_is_a_storage_error_and_a_bad_id_a_usage_error(backend: Backend,
                                                                        tmp_path: Path) -> None:
     _, man = make_backup(tmp_path)
-    with pytest.raises(StorageError, match="does not exist"):
+    with pytest.raises(BackupMissing, match="does not exist"):
         backend.storage.read_manifest(man.id)
     for bad in ("../etc", "20260301T120000Z-abcdeg", ""):
         with pytest.raises(UsageError):

@@ -195,3 +195,39 @@ def test_corrupt_remote_object_fails_verify(offsite: tuple[Path, Path, str],
     client.put_object(Bucket=bucket, Key=key, Body=bytes(data))  # type: ignore[attr-defined]
     code, out, _ = cli(config, "verify", "--location", "s3", backup_id)
     assert code == 3 and "CORRUPT" in out
+
+
+def test_a_daemon_cycle_gets_only_the_new_manifest_from_s3(
+        tmp_path: Path, redis_server: RedisServer, moto_endpoint: str, bucket: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`backupd run` is one process for many cycles: the manifests its earlier cycles read
+    are not fetched again (without the cache, every cycle GETs every manifest)."""
+    from backupd import config as config_mod
+    from backupd.actions.cycle import run_cycle
+    from backupd.storage.s3 import S3Storage
+    from backupd.storage.s3.manifest_cache import MANIFESTS
+
+    fill(redis_server, 50)
+    path = write_config(tmp_path / "config.toml", redis_server, tmp_path / "backups",
+                        s3_section(moto_endpoint, bucket))
+    env = {**S3_ENV, "REDIS_PASSWORD": PASSWORD}
+    cfg = config_mod.load(path, env=env)
+    fetched: list[str] = []
+    fetch = S3Storage._fetch_manifest
+
+    def counted(self: S3Storage, backup_id: str) -> object:
+        fetched.append(backup_id)
+        return fetch(self, backup_id)
+
+    monkeypatch.setattr(S3Storage, "_fetch_manifest", counted)
+    per_cycle: list[tuple[int, int]] = []  # (GETs without the cache, with it)
+    for _ in range(4):
+        MANIFESTS.clear()  # as before: nothing kept between cycles
+        fetched.clear()
+        run_cycle(cfg, env=env)
+        uncached = len(fetched)
+        fetched.clear()
+        run_cycle(cfg, env=env)
+        per_cycle.append((uncached, len(fetched)))
+    assert [with_cache for _, with_cache in per_cycle] == [1, 1, 1, 1]  # the new backup's
+    assert [without for without, _ in per_cycle] == [1, 3, 5, 7]  # every backup in the bucket

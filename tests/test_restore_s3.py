@@ -8,12 +8,14 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import pyrage
 import pytest
 
 from tests.conftest import (
     PASSWORD,
     S3_ENV,
+    S3_KEY_ID,
     S3_SECRET,
     Server,
     last_line,
@@ -21,6 +23,7 @@ from tests.conftest import (
     s3_section,
     write_config,
 )
+from tests.faults.s3proxy import FaultProxy
 from tests.test_restore import Service, contents, populate, rewrite, running_service
 
 
@@ -75,3 +78,51 @@ def test_encrypted_compressed_restore_from_s3(tmp_path: Path, service: Service,
               str(wrong))
     assert bad.returncode == 3 and "cannot decrypt" in bad.stderr
     assert contents(service) == expected
+
+
+def requests_of(proxy: FaultProxy) -> list[str]:
+    """The S3 requests since the last clear: get/head name what they read."""
+    return [f"{e.op} {'manifest' if e.key.endswith('.json') else 'artifact'}"
+            if e.op in ("get", "head") else e.op for e in proxy.log]
+
+
+def test_a_restore_of_an_id_reads_its_manifest_instead_of_listing_the_bucket(
+        tmp_path: Path, proxy: FaultProxy, bucket: str) -> None:
+    backups = tmp_path / "backups"
+    with running_service(tmp_path, stop_timeout=30) as service:
+        extra = (s3_section(proxy.url, bucket, "keep_local = false")
+                 + f'\n[restore]\nmethod = "command"\n'
+                 f"stop_command = {json.dumps(service.stop_command())}\n"
+                 f"start_command = {json.dumps(service.start_command())}\n")
+        config = write_config(tmp_path / "config.toml", service.server, backups, extra)
+        populate(service, "orig")
+        made = [last_line(cli(config, "backup", "--no-prune").stdout) for _ in range(3)]
+        assert len(set(made)) == 3
+
+        proxy.clear()
+        latest = cli(config, "restore", "--dry-run", "--from", "s3")
+        assert latest.returncode == 0, latest.stderr
+        listed = requests_of(proxy)  # the listing: every manifest and the open uploads
+        assert sorted(listed) == sorted(["list", *["get manifest"] * 3, "multipart-list",
+                                         "get artifact"])
+        for where in (("--from", "s3"), ()):  # nothing local: local is looked at, then S3
+            proxy.clear()
+            direct = cli(config, "restore", made[0], "--dry-run", *where)
+            assert direct.returncode == 0, direct.stderr
+            assert f"{made[0]} [s3]" in direct.stdout
+            assert requests_of(proxy) == ["get manifest", "head artifact", "get artifact"]
+
+        gone = made[0][:-1] + ("0" if made[0][-1] != "0" else "1")
+        proxy.clear()
+        missing = cli(config, "restore", gone, "--dry-run")
+        assert missing.returncode == 1 and f"backup {gone} does not exist" in missing.stderr
+        assert requests_of(proxy) == ["get manifest"]
+
+        client = boto3.client("s3", endpoint_url=proxy.url, aws_access_key_id=S3_KEY_ID,
+                              aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+        artifact = next(o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]
+                        if o["Key"].split("/")[-1].startswith(made[1] + ".rdb"))
+        client.delete_object(Bucket=bucket, Key=artifact)
+        corrupt = cli(config, "restore", made[1], "--dry-run")
+        assert corrupt.returncode == 3
+        assert f"backup {made[1]} in s3 is corrupt: artifact" in corrupt.stderr

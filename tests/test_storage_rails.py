@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from backupd.actions.catalog import catalog
+from backupd.actions.catalog import catalog, lookup
 from backupd.actions.prune import ORPHAN_MIN_AGE, prune_location
 from backupd.actions.restore.staging import _tolerant_catalog
 from backupd.actions.upload import DONE, PENDING, pending, upload_pending
-from backupd.errors import IntegrityError, StorageError
+from backupd.errors import BackupdError, BackupMissing, IntegrityError, StorageError
 from backupd.manifest import Manifest
 from backupd.retention import Policy
 from backupd.storage import layout
@@ -204,3 +204,63 @@ def test_an_unreachable_location_does_not_block_choosing_from_the_other(tmp_path
         _tolerant_catalog([local, remote], strict=True)  # --location given: no fallback
     with pytest.raises(StorageError, match="cannot reach"):
         _tolerant_catalog([remote], strict=False)  # nowhere else to choose from
+
+
+def mirror(store: MemoryStorage, name: str) -> MemoryStorage:
+    """Another location holding the same backups."""
+    copy = MemoryStorage(name, now=T0)
+    copy.objects = dict(store.objects)
+    return copy
+
+
+def test_an_id_is_read_directly_with_the_errors_of_a_listing(tmp_path: Path) -> None:
+    local, mans = filled(tmp_path, 3, name="local")
+    remote = mirror(local, "s3")
+    entry = lookup([local, remote], mans[0].id)
+    assert (entry.manifest, entry.locations) == (mans[0], ["local", "s3"])
+    assert "listing" not in local.calls + remote.calls  # one manifest read, one artifact check
+    assert local.calls == [f"read_manifest {mans[0].id}", f"artifact_problem {mans[0].id}"]
+    for selector in (mans[1].id, mans[2].id, "nope"):
+        expected = catalog([local, remote])
+        try:
+            want: object = expected.find(selector)
+        except BackupdError as exc:  # the listing's error is what lookup must raise
+            want = (type(exc), str(exc))
+        try:
+            got: object = lookup([local, remote], selector)
+        except BackupdError as exc:
+            got = (type(exc), str(exc))
+        assert got == want
+
+
+def test_an_id_whose_artifact_is_gone_is_corrupt_unless_another_location_has_it(
+        tmp_path: Path) -> None:
+    local, mans = filled(tmp_path, 2, name="local")
+    remote = mirror(local, "s3")
+    del local.objects[mans[1].artifact]
+    listed = catalog([local])
+    with pytest.raises(IntegrityError) as by_listing:
+        listed.find(mans[1].id)
+    with pytest.raises(IntegrityError) as direct:
+        lookup([local], mans[1].id)
+    assert str(direct.value) == str(by_listing.value)
+    assert f"backup {mans[1].id} in local is corrupt: artifact" in str(direct.value)
+    assert direct.value.exit_code == 3
+    assert lookup([local, remote], mans[1].id).locations == ["s3"]
+    local.place(layout.manifest_name(mans[0].id), b"{not json")
+    with pytest.raises(IntegrityError, match=f"backup {mans[0].id} in local is corrupt"):
+        lookup([local], mans[0].id)
+
+
+def test_an_unreadable_location_fails_an_id_unless_it_may_be_skipped(tmp_path: Path) -> None:
+    local, mans = filled(tmp_path, 2, name="local")
+    remote = mirror(local, "s3")
+    remote.faults.unreadable.add(mans[0].id)
+    with pytest.raises(StorageError, match="cannot read the manifest") as err:
+        lookup([local, remote], mans[0].id)
+    assert not isinstance(err.value, BackupMissing)
+    skipped: list[str] = []
+    entry = lookup([local, remote], mans[0].id, lambda s, exc: skipped.append(s.name))
+    assert (entry.locations, skipped) == (["local"], ["s3"])
+    with pytest.raises(StorageError, match=f"backup {mans[0].id} does not exist"):
+        lookup([remote], mans[0].id, lambda s, exc: None)

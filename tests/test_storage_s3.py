@@ -26,10 +26,11 @@ from moto.server import ThreadedMotoServer
 from backupd import config as config_mod
 from backupd import manifest as mf
 from backupd.config import S3Config
-from backupd.errors import ConfigError, IntegrityError, StorageError, UsageError
+from backupd.errors import BackupMissing, ConfigError, IntegrityError, StorageError, UsageError
 from backupd.manifest import Manifest, RedisFacts
 from backupd.storage.base import Storage
 from backupd.storage.s3 import S3Storage, make_client, part_size
+from backupd.storage.s3.manifest_cache import ManifestCache, Where
 
 BUCKET = "backupd-test"
 PREFIX = "redis/prod/"
@@ -362,6 +363,22 @@ def test_artifact_of_wrong_size_is_broken(store: S3Storage, tmp_path: Path) -> N
     store.put(path, man)
     store.client.put_object(Bucket=BUCKET, Key=PREFIX + man.artifact, Body=b"short")
     assert "5 bytes" in store.listing().broken[man.id]
+    assert store.artifact_problem(store.read_manifest(man.id)) == store.listing().broken[man.id]
+
+
+def test_an_unreadable_manifest_or_artifact_is_not_a_missing_backup(store: S3Storage,
+                                                                    tmp_path: Path) -> None:
+    path, man = make_backup(tmp_path)
+    store.put(path, man)
+    denied = {"Error": {"Code": "InternalError", "Message": "We encountered an error"}}
+    on(store, "before-call.s3.HeadObject", lambda **kw: fake_response(500, denied))
+    with pytest.raises(StorageError, match="cannot check the artifact") as err:
+        store.artifact_problem(man)
+    assert not isinstance(err.value, BackupMissing)
+    on(store, "before-call.s3.GetObject", lambda **kw: fake_response(500, denied))
+    with pytest.raises(StorageError, match="cannot read the manifest") as err:
+        store.read_manifest(man.id)
+    assert not isinstance(err.value, BackupMissing)
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"[]", b'{"id": "x"}', b"x" * (MiB + 10)])
@@ -397,7 +414,7 @@ def test_unreadable_manifest_makes_the_listing_incomplete(store: S3Storage,
 
 def test_read_manifest_and_open_missing(store: S3Storage, tmp_path: Path) -> None:
     _, man = make_backup(tmp_path)
-    with pytest.raises(StorageError, match="does not exist"):
+    with pytest.raises(BackupMissing, match="does not exist"):
         store.read_manifest(man.id)
     with pytest.raises(StorageError, match="does not exist"), store.open_artifact(man):
         pass
@@ -722,3 +739,76 @@ def test_http_endpoint_wrong_bucket(moto_server: str) -> None:
     with pytest.raises(StorageError, match="bucket missing-bucket does not exist"):
         store.check_access()
 
+
+
+# -- the process's manifest cache ----------------------------------------------------------
+
+
+def manifest_gets(storage: S3Storage) -> list[str]:
+    """The ids whose manifest `storage` GETs from now on."""
+    gets: list[str] = []
+    on(storage, "before-parameter-build.s3.GetObject", lambda params, **kw: gets.append(
+        params["Key"].removeprefix(PREFIX).removesuffix(".json"))
+        if params["Key"].endswith(".json") else None)
+    return gets
+
+
+def test_each_manifest_is_read_once_per_process(store: S3Storage, tmp_path: Path) -> None:
+    backups = [make_backup(tmp_path, 100, T0 + timedelta(minutes=i)) for i in range(20)]
+    for path, man in backups:
+        store.put(path, man)
+    first = manifest_gets(store)
+    listed = store.listing()
+    assert sorted(first) == sorted(m.id for _, m in backups)
+    cycle = storage_for()  # each cycle builds its storages anew
+    again = manifest_gets(cycle)
+    assert cycle.listing() == listed and again == []
+    path, new = make_backup(tmp_path, 100, T0 + timedelta(hours=1))
+    cycle.put(path, new)
+    assert cycle.listing().manifests[0] == new and again == [new.id]  # only the new one
+
+
+def test_a_manifest_rewritten_deleted_or_unreadable_is_read_again(store: S3Storage,
+                                                                   tmp_path: Path) -> None:
+    (path, man), (other_path, other) = make_backup(tmp_path), make_backup(
+        tmp_path, when=T0 + timedelta(minutes=1))
+    store.put(path, man)
+    store.put(other_path, other)
+    gets = manifest_gets(store)
+    store.listing()
+    store.client.put_object(Bucket=BUCKET, Key=f"{PREFIX}{man.id}.json", Body=b"{not json")
+    gets.clear()
+    for _ in range(2):  # another ETag: read again; corrupt: never cached
+        assert man.id in store.listing().broken
+    assert gets == [man.id, man.id]
+    store.client.put_object(Bucket=BUCKET, Key=f"{PREFIX}{man.id}.json", Body=man.to_json())
+    fresh_path, fresh = make_backup(tmp_path, when=T0 + timedelta(minutes=2))
+    store.put(fresh_path, fresh)
+    failing = {"on": True}
+    on(store, "before-call.s3.GetObject", lambda **kw: fake_response(
+        500, {"Error": {"Code": "InternalError", "Message": "boom"}}) if failing["on"] else None)
+    assert fresh.id in store.listing().broken  # unreadable: not cached either
+    failing["on"] = False
+    gets.clear()
+    # The original bytes again are the object read first (same ETag): from the cache.
+    assert store.listing().manifests == [fresh, other, man] and gets == [fresh.id]
+    assert store.delete([other.id]).deleted == [other.id]
+    store.put(other_path, other)  # the same object again: the delete dropped its entry
+    gets.clear()
+    assert store.listing().manifests == [fresh, other, man] and gets == [other.id]
+
+
+def test_the_cache_is_bounded_least_recently_used_first(tmp_path: Path) -> None:
+    cache = ManifestCache(capacity=2)
+    mans = [make_backup(tmp_path, when=T0 + timedelta(minutes=i))[1] for i in range(3)]
+    where = [Where("endpoint", BUCKET, PREFIX, m.id) for m in mans]
+    cache.put(where[0], "etag", mans[0])
+    cache.put(where[1], "etag", mans[1])
+    assert cache.get(where[0], "etag") == mans[0]  # now the most recently used
+    cache.put(where[2], "etag", mans[2])
+    assert len(cache) == 2 and cache.get(where[1], "etag") is None
+    assert cache.get(where[0], "another etag") is None and cache.get(where[0], "") is None
+    cache.drop([where[0]])
+    assert cache.get(where[0], "etag") is None and cache.get(where[2], "etag") == mans[2]
+    cache.clear()
+    assert len(cache) == 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,7 +10,7 @@ from typing import Any
 from backupd import manifest as mf
 from backupd.choices import ALL_LOCATIONS, Location
 from backupd.config import Config
-from backupd.errors import IntegrityError, StorageError, UsageError
+from backupd.errors import BackupMissing, IntegrityError, StorageError, UsageError
 from backupd.manifest import Manifest
 from backupd.storage.base import Listing, Storage
 from backupd.storage.local import LocalStorage
@@ -87,3 +87,44 @@ def catalog(chosen: list[Storage]) -> Catalog:
             entry.locations.append(storage.name)
     entries = sorted(merged.values(), key=lambda e: e.manifest.id, reverse=True)
     return Catalog(entries, listings)
+
+
+def lookup(chosen: Sequence[Storage], backup_id: str,
+           unavailable: Callable[[Storage, StorageError], None] | None = None) -> Entry:
+    """An exact id, found by reading its manifest (and checking its artifact) in each location
+    instead of listing them all: the same entry, errors and exit codes as `catalog().find`.
+    A location that cannot be read raises, unless `unavailable` takes the error instead."""
+    mf.check_id(backup_id)
+    found: Entry | None = None
+    broken: dict[str, str] = {}
+    for storage in chosen:
+        try:
+            manifest = storage.read_manifest(backup_id)
+            problem = storage.artifact_problem(manifest)
+        except BackupMissing:
+            continue
+        except IntegrityError as exc:
+            broken[storage.name] = str(exc)
+            continue
+        except StorageError as exc:
+            if unavailable is None:
+                raise
+            unavailable(storage, exc)
+            continue
+        if problem is not None:
+            broken[storage.name] = problem
+            continue
+        found = found or Entry(manifest)
+        found.locations.append(storage.name)
+    if found is not None:
+        return found
+    for name, why in broken.items():
+        raise IntegrityError(f"backup {backup_id} in {name} is corrupt: {why}")
+    raise StorageError(f"backup {backup_id} does not exist")
+
+
+def find_in(storage: Storage, selector: str) -> Manifest:
+    """`latest` (which needs the listing) or an exact id (read directly) in one location."""
+    if selector == "latest":
+        return catalog([storage]).find(selector).manifest
+    return lookup([storage], selector).manifest

@@ -56,7 +56,14 @@ class Storage(Protocol):
         ...
 
     def read_manifest(self, backup_id: str) -> Manifest:
-        """One manifest; IntegrityError if it is unreadable, StorageError if it is absent."""
+        """One manifest; IntegrityError if it is unreadable, BackupMissing if it is absent,
+        StorageError if the location cannot be read."""
+        ...
+
+    def artifact_problem(self, manifest: Manifest) -> str | None:
+        """Why the stored artifact cannot back `manifest` (missing; on S3, of another size),
+        in the words of `Listing.broken`; None when it is there. A backup read by id, without a
+        listing, is checked with this so that it is corrupt in the same cases."""
         ...
 
     def open_artifact(self, manifest: Manifest) -> AbstractContextManager[BinaryIO]:

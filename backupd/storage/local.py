@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import BinaryIO
 
 from backupd import checkpoints
 from backupd import manifest as mf
-from backupd.errors import IntegrityError, StorageError
+from backupd.errors import BackupMissing, IntegrityError, StorageError
 from backupd.fsio import atomic_file, write_all, write_atomic
 from backupd.manifest import Manifest
 from backupd.storage import layout
@@ -64,15 +66,27 @@ class LocalStorage:
         return listing_of(files, self.read_manifest, orphan)
 
     def read_manifest(self, backup_id: str) -> Manifest:
+        """Not through a symlink, nor a directory: the listing counts regular files only."""
         path = self.manifest_path(backup_id)
         try:
-            with open(path, "rb") as fh:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            with open(fd, "rb") as fh:
                 data = fh.read(mf.MAX_MANIFEST_BYTES + 1)
-        except FileNotFoundError:
-            raise StorageError(f"backup {backup_id} does not exist in {self.dir}") from None
         except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ELOOP, errno.EISDIR):
+                raise BackupMissing(f"backup {backup_id} does not exist in {self.dir}") from None
             raise StorageError(f"cannot read {path}: {exc.strerror}") from None
         return mf.parse(data, expected_id=backup_id)
+
+    def artifact_problem(self, manifest: Manifest) -> str | None:
+        path = self.artifact_path(manifest)
+        try:
+            is_file = stat.S_ISREG(os.lstat(path).st_mode)
+        except FileNotFoundError:
+            is_file = False
+        except OSError as exc:
+            raise StorageError(f"cannot stat {path}: {exc.strerror}") from None
+        return None if is_file else f"artifact {manifest.artifact} is missing"
 
     @contextlib.contextmanager
     def open_artifact(self, manifest: Manifest) -> Iterator[BinaryIO]:

@@ -17,7 +17,7 @@ import structlog
 
 from backupd import checkpoints, source
 from backupd import manifest as mf
-from backupd.actions.catalog import Catalog, Entry, storages
+from backupd.actions.catalog import Catalog, Entry, lookup, storages
 from backupd.actions.restore.journal import STAGING_PREFIX
 from backupd.actions.restore.target import AOF_MANIFEST_SUFFIX, Target, scan_dir
 from backupd.codecs import load_identities
@@ -50,10 +50,16 @@ class Selected:
 def select_backup(config: Config, selector: str, before: datetime | None,
                   location: str | None, env: Mapping[str, str] | None = None) -> Selected:
     """`latest`, an id, or the newest at or before `before`; read from local when the backup
-    is there, else from S3 (unless `location` says where)."""
+    is there, else from S3 (unless `location` says where). An id is read directly: no
+    listing of every location and its multipart uploads."""
     if before is not None and selector != "latest":
         raise UsageError("give a backup ID or --before, not both")
     chosen = storages(config, location or "all", env)
+    strict = location is not None or len(chosen) == 1
+    if selector != "latest":
+        entry = lookup(chosen, selector, None if strict else _skip_unavailable)
+        storage = next(s for s in chosen if s.name in entry.locations)
+        return Selected(storage, entry.manifest, tuple(entry.locations))
     found = _tolerant_catalog(chosen, strict=location is not None)
     if before is not None:
         candidates = [e for e in found.entries if e.manifest.created <= before]
@@ -66,6 +72,10 @@ def select_backup(config: Config, selector: str, before: datetime | None,
     return Selected(storage, entry.manifest, tuple(entry.locations))
 
 
+def _skip_unavailable(storage: Storage, exc: StorageError) -> None:
+    log.warning("location_unavailable", location=storage.name, error=str(exc))
+
+
 def _tolerant_catalog(chosen: Sequence[Storage], strict: bool) -> Catalog:
     """Like catalog.catalog(), but an unreachable S3 does not block a restore from local."""
     merged: dict[str, Entry] = {}
@@ -76,7 +86,7 @@ def _tolerant_catalog(chosen: Sequence[Storage], strict: bool) -> Catalog:
         except StorageError as exc:
             if strict or len(chosen) == 1:
                 raise
-            log.warning("location_unavailable", location=storage.name, error=str(exc))
+            _skip_unavailable(storage, exc)
             continue
         listings[storage.name] = listing
         for manifest in listing.manifests:

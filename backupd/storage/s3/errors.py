@@ -37,6 +37,11 @@ def error_message(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Message", ""))
 
 
+def is_missing_key(exc: BaseException) -> bool:
+    """The object asked for does not exist (GET says NoSuchKey, HEAD only 404)."""
+    return isinstance(exc, ClientError) and error_code(exc) in ("NoSuchKey", "404")
+
+
 def is_lock_error(code: str, message: str) -> bool:
     """A refusal because of Object Lock retention or a legal hold (not a failure)."""
     text = message.lower()

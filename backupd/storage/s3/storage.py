@@ -26,7 +26,7 @@ from botocore.exceptions import ClientError
 from backupd import checkpoints
 from backupd import manifest as mf
 from backupd.config import S3Config
-from backupd.errors import IntegrityError, StorageError
+from backupd.errors import BackupMissing, IntegrityError, StorageError
 from backupd.manifest import Manifest
 from backupd.storage import layout
 from backupd.storage.base import DeleteResult, Listing, Orphan
@@ -36,7 +36,9 @@ from backupd.storage.s3.errors import (
     BOTO_ERRORS,
     Reasons,
     error_code,
+    is_missing_key,
 )
+from backupd.storage.s3.manifest_cache import MANIFESTS, Where
 from backupd.storage.s3.multipart import CHECKSUMS, MiB, StreamingUpload, part_size
 from backupd.streams import RawReader
 
@@ -61,6 +63,7 @@ class Key:
     backup_id: str
     size: int
     modified: datetime
+    etag: str = ""
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,8 @@ class S3Storage:
     def scan(self) -> list[Key]:
         """Every object of ours directly under the prefix."""
         return [Key(name, name[:layout.ID_LEN], int(obj.get("Size", 0)),
-                     obj.get("LastModified") or datetime.fromtimestamp(0, UTC))
+                     obj.get("LastModified") or datetime.fromtimestamp(0, UTC),
+                     str(obj.get("ETag", "")))
                 for name, obj in self.ours("list_objects_v2", ("Contents",))]
 
     # -- reading -----------------------------------------------------------------------------
@@ -186,7 +190,7 @@ class S3Storage:
             workers = min(MANIFEST_READERS, len(with_manifest))
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 results = list(pool.map(
-                    lambda i: self._load_manifest(i, by_id[i][layout.manifest_name(i)].size),
+                    lambda i: self._load_manifest(i, by_id[i][layout.manifest_name(i)]),
                     with_manifest))
         else:
             results = []
@@ -260,13 +264,22 @@ class S3Storage:
                 uploads.append(Upload(name, upload_id, token, initiated))
         return uploads
 
-    def _load_manifest(self, backup_id: str, size: int) -> tuple[str, Manifest | None, str,
-                                                                  bool]:
-        """(id, manifest or None, why not, whether the failure is the file's fault)."""
-        if size > mf.MAX_MANIFEST_BYTES:
+    def _where(self, backup_id: str) -> Where:
+        return Where(self.endpoint_host, self.bucket, self.prefix, backup_id)
+
+    def _load_manifest(self, backup_id: str, key: Key) -> tuple[str, Manifest | None, str,
+                                                                 bool]:
+        """(id, manifest or None, why not, whether the failure is the file's fault). From the
+        process's cache when this object (same ETag) was read before."""
+        if key.size > mf.MAX_MANIFEST_BYTES:
             return backup_id, None, f"manifest is larger than {mf.MAX_MANIFEST_BYTES} bytes", True
+        cached = MANIFESTS.get(self._where(backup_id), key.etag)
+        if cached is not None:
+            return backup_id, cached, "", True
         try:
-            return backup_id, self._fetch_manifest(backup_id), "", True
+            manifest = self._fetch_manifest(backup_id)
+            MANIFESTS.put(self._where(backup_id), key.etag, manifest)
+            return backup_id, manifest, "", True
         except IntegrityError as exc:
             return backup_id, None, str(exc), True
         except StorageError as exc:
@@ -282,8 +295,11 @@ class S3Storage:
             finally:
                 body.close()
         except BOTO_ERRORS as exc:
-            raise self.reasons.error(f"cannot read the manifest of backup {backup_id}", exc,
-                              key) from None
+            error = self.reasons.error(f"cannot read the manifest of backup {backup_id}", exc,
+                                       key)
+            if is_missing_key(exc):
+                raise BackupMissing(str(error)) from None
+            raise error from None
         return mf.parse(data, expected_id=backup_id)
 
     def read_manifest(self, backup_id: str) -> Manifest:
@@ -291,6 +307,21 @@ class S3Storage:
         unreadable, UsageError if `backup_id` is not an id."""
         layout.check_id(backup_id)
         return self._fetch_manifest(backup_id)
+
+    def artifact_problem(self, manifest: Manifest) -> str | None:
+        """One HEAD: present, and of the size the manifest says (as `listing` checks)."""
+        key = self.artifact_key(manifest)
+        try:
+            size = int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+        except BOTO_ERRORS as exc:
+            if is_missing_key(exc):
+                return f"artifact {manifest.artifact} missing"
+            raise self.reasons.error(f"cannot check the artifact of backup {manifest.id}", exc,
+                                     key) from None
+        if size != manifest.stored_size:
+            return (f"artifact {manifest.artifact} is {size} bytes, the manifest says "
+                    f"{manifest.stored_size}")
+        return None
 
     def open_artifact(self, manifest: Manifest) -> AbstractContextManager[BinaryIO]:
         """A streaming reader of the stored artifact; StorageError if it is missing. Read
@@ -467,8 +498,11 @@ class S3Storage:
     # -- deleting ----------------------------------------------------------------------------
 
     def delete(self, backup_ids: Iterable[str]) -> DeleteResult:
-        """Delete backups, manifests first (see Deleter.delete)."""
-        return self._deleter.delete(backup_ids)
+        """Delete backups, manifests first (see Deleter.delete); their cached manifests go
+        first of all, whatever the delete's outcome."""
+        ids = list(backup_ids)
+        MANIFESTS.drop(self._where(i) for i in ids)
+        return self._deleter.delete(ids)
 
     def delete_orphans(self, names: Iterable[str]) -> DeleteResult:
         """Delete leftover objects and abort incomplete uploads (see Deleter.delete_orphans)."""
