@@ -109,6 +109,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                              indirect=True)
 
 
+
+@pytest.fixture(autouse=True)
+def _reap_spawned() -> Iterator[None]:
+    """No backupd process a test spawned outlives it, whatever the test's outcome."""
+    yield
+    from tests.faults.harness import reap_spawned
+
+    reap_spawned()
+
 @pytest.fixture
 def server_under_test(request: pytest.FixtureRequest) -> Server:
     """The server under test: a matrix parameter, or Debian's Redis 7.0."""

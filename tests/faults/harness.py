@@ -191,6 +191,16 @@ class Spawned:
         return out, err
 
 
+_SPAWNED: list[Spawned] = []
+
+
+def reap_spawned() -> None:
+    """SIGKILL what a test spawned and left running (a failed assertion before its stop):
+    a `backupd run` left behind would keep a replication link and ports for the whole run."""
+    while _SPAWNED:
+        _SPAWNED.pop().kill()
+
+
 def spawn(config: Path, *args: str, env: dict[str, str] | None = None,
           logs: Path | None = None) -> Spawned:
     logs = logs or Path(tempfile.mkdtemp(prefix="backupd-fault-logs-"))
@@ -201,7 +211,9 @@ def spawn(config: Path, *args: str, env: dict[str, str] | None = None,
         proc = subprocess.Popen(
             [sys.executable, "-m", "backupd", "--log-format", "json", "-c", str(config), *args],
             stdout=fo, stderr=fe, env=base_env(env), cwd=ROOT)
-    return Spawned(proc, out, err, f"backupd {' '.join(args)} (spawned)")
+    spawned = Spawned(proc, out, err, f"backupd {' '.join(args)} (spawned)")
+    _SPAWNED.append(spawned)
+    return spawned
 
 
 def crash_env(stage: str) -> dict[str, str]:
