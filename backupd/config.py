@@ -245,6 +245,9 @@ class PitrConfig:
     upload_interval: float = _duration("10s")
     max_lag: float = _duration("30s")
     window: float = _duration("7d")
+    # A replica whose last ACK is older than the master's min-replicas-max-lag (10 s by default)
+    # is not counted for min-replicas-to-write; one silent for repl-timeout (60 s) is dropped.
+    ack_interval: float = _duration("1s")
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ from tests.faults.harness import Spawned, spawn
 
 
 def pitr_config(path: Path, server: RedisServer, backups: Path, extra: str = "",
-                segment: str = "3s", port: int | None = None) -> Path:
+                segment: str = "3s", port: int | None = None, pitr: str = "") -> Path:
     """[pitr] on, the replicaof restore method (the restarted Redis is restored live)."""
     cfg = write_config(path, server, backups,
-                       f'[pitr]\nenabled = true\nsegment = "{segment}"\nmax_lag = "10s"\n'
+                       f'[pitr]\nenabled = true\nsegment = "{segment}"\nmax_lag = "10s"\n{pitr}'
                        '[metrics]\nlisten = ""\n'
                        '[restore]\nmethod = "replicaof"\nstart_timeout = "20s"\n' + extra)
     if port is not None:

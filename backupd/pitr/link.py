@@ -5,7 +5,7 @@ A session: recover what a killed backupd left (segments.recover), then `PSYNC <r
 (first start, or the master's backlog no longer has the offset): the RDB becomes a regular
 backup (the backup cycle, with S3 upload) and a new chain starts at its offset. Then the
 command stream goes into segments (SegmentWriter) until the link drops or backupd stops; a
-`REPLCONF ACK <offset>` goes back every second and for each `REPLCONF GETACK`. A silent
+`REPLCONF ACK <offset>` goes back every pitr.ack_interval and for each `REPLCONF GETACK`. A silent
 master (no byte, not even its PING, for redis.read_timeout) is a dropped link. Closed
 segments are uploaded by a thread of their own, so a slow bucket never stalls the stream.
 """
@@ -36,7 +36,6 @@ log = structlog.get_logger("backupd.pitr")
 
 RECV = 1 << 20
 POLL = 0.2  # the loop's socket timeout: stamps, fsync and ACKs run at least this often
-ACK_EVERY = 1.0
 RETRY_FIRST, RETRY_LONGEST = 1.0, 30.0
 
 
@@ -168,7 +167,7 @@ class Link:
                     raise SnapshotError(f"no data (not even the master's PING) for "
                                         f"redis.read_timeout {self.config.redis.read_timeout:g}s")
                 writer.tick(time.time())
-                if writer.acks or mono - last_ack >= ACK_EVERY:
+                if writer.acks or mono - last_ack >= self.config.pitr.ack_interval:
                     _ack(sock, writer.received)
                     writer.acks, last_ack = 0, mono
                 self._publish(writer)

@@ -223,3 +223,27 @@ def test_redis_client_is_not_confused_by_the_replica(
     except redis.exceptions.ResponseError as exc:
         assert "NOREPLICAS" in str(exc)
     client.close()
+
+
+def test_an_ack_interval_past_the_max_lag_keeps_backupd_out_of_the_count(
+        tmp_path: Path, redis_factory: Callable[..., RedisServer]) -> None:
+    """pitr.ack_interval above min-replicas-max-lag: connected and streaming, never counted."""
+    server = redis_factory("--repl-diskless-sync-delay", "0", "--min-replicas-to-write", "1",
+                           "--min-replicas-max-lag", "1")
+    backups = tmp_path / "backups"
+    config = pitr_config(tmp_path / "c.toml", server, backups, pitr='ack_interval = "20s"\n')
+    daemon = start_link(config, backups)
+    client = server.client()
+    try:
+        wait_until(lambda: client.info("replication").get("connected_slaves") == 1
+                   and client.info("replication").get("min_slaves_good_slaves") == 0, 30,
+                   "backupd connected but not a good replica")
+        try:
+            client.set("refused", "1")
+            raise AssertionError("backupd was counted for min-replicas-to-write")
+        except redis.exceptions.ResponseError as exc:
+            assert "NOREPLICAS" in str(exc)
+        assert client.info("replication")["connected_slaves"] == 1  # the link stays up
+    finally:
+        client.close()
+        stop(daemon)
