@@ -66,11 +66,14 @@ class LocalStorage:
         return listing_of(files, self.read_manifest, orphan)
 
     def read_manifest(self, backup_id: str) -> Manifest:
-        """Not through a symlink, nor a directory: the listing counts regular files only."""
+        """Not through a symlink, nor a directory or a FIFO: the listing counts regular files
+        only (O_NONBLOCK: opening a FIFO would otherwise wait for a writer forever)."""
         path = self.manifest_path(backup_id)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             with open(fd, "rb") as fh:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise BackupMissing(f"backup {backup_id} does not exist in {self.dir}")
                 data = fh.read(mf.MAX_MANIFEST_BYTES + 1)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ELOOP, errno.EISDIR):
