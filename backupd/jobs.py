@@ -27,6 +27,10 @@ import structlog
 
 from backupd import logs
 from backupd.actions.cycle import CycleResult, run_cycle
+
+# At import, not in a job's thread: two scheduler threads importing the restore package at
+# once saw it half-initialised (ImportError in a scheduled run).
+from backupd.actions.restore.drill import DrillSkipped, drill_latest
 from backupd.config import Config
 from backupd.errors import BackupdError
 from backupd.health import Tracker, iso_time
@@ -169,7 +173,6 @@ class Runner:
                 self._drill()
 
     def _drill(self) -> None:
-        from backupd.actions.restore.drill import DrillSkipped, drill_latest  # a restore import
 
         started, t0 = time.time(), time.monotonic()
         try:
