@@ -5,6 +5,7 @@ local segments and from S3 alone (local copies deleted)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import signal
@@ -158,7 +159,8 @@ def test_to_time_without_segments_is_as_before(
 def test_the_open_segment_reaches_s3_every_upload_interval(
         tmp_path: Path, redis_factory: Callable[..., RedisServer], moto_endpoint: str,
         bucket: str, no_aws_config: None) -> None:
-    """backupd and its disk lost mid-segment: the bucket alone restores to seconds before."""
+    """backupd and its disk lost mid-segment: the bucket alone restores to seconds before,
+    from pieces that each hold only what was new."""
     import boto3
 
     server = redis_factory("--repl-diskless-sync-delay", "0")
@@ -174,23 +176,38 @@ def test_the_open_segment_reaches_s3_every_upload_interval(
     s3 = boto3.client("s3", endpoint_url=moto_endpoint, aws_access_key_id=S3_KEY_ID,
                       aws_secret_access_key=S3_SECRET, region_name="us-east-1")
 
-    def part_after() -> bool:
+    def pieces() -> list[dict[str, object]]:
+        out = []
         for obj in s3.list_objects_v2(Bucket=bucket, Prefix="redis/prod/pitr/").get(
                 "Contents", []):
             if obj["Key"].endswith(".part.json"):
-                meta = json.loads(s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
-                if meta["last_time"] >= written + 2:
-                    return True
-        return False
+                out.append(json.loads(s3.get_object(Bucket=bucket, Key=obj["Key"])[
+                    "Body"].read()))
+        return sorted(out, key=lambda m: int(m["first_offset"]))  # type: ignore[call-overload]
 
-    wait_until(part_after, 60, "the open segment's part in the bucket")
+    def piece_after(moment: float) -> bool:
+        return any(int(m["last_time"]) >= moment + 2 for m in pieces())  # type: ignore[call-overload]
+
+    wait_until(lambda: piece_after(written), 60, "the open segment's piece in the bucket")
+    client.set("later", "in a later piece")
+    later = datetime.now(UTC).timestamp()
+    wait_until(lambda: piece_after(later), 60, "a later piece in the bucket")
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.wait(10)
+    found = pieces()
+    assert len(found) >= 2
+    for before, after in itertools.pairwise(found):
+        assert after["first_offset"] == int(before["last_offset"]) + 1  # type: ignore[call-overload]
+    opened = sum(f.stat().st_size for f in (backups / "pitr").glob("*.open"))
+    sizes = sum(int(o["Size"]) for o in s3.list_objects_v2(
+        Bucket=bucket, Prefix="redis/prod/pitr/")["Contents"] if o["Key"].endswith(".part"))
+    assert 0 < sizes <= opened  # each piece only what is new: no prefix uploaded twice
     shutil.rmtree(backups)
     backups.mkdir()
     client.flushall()
-    ran = cli(config, "restore", "--to-time", _stamp(int(written) + 2), "--yes",
+    ran = cli(config, "restore", "--to-time", _stamp(int(later) + 2), "--yes",
               "--from", "s3")
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-3000:]
     assert client.get("written") == "before the loss"
+    assert client.get("later") == "in a later piece"
     client.close()

@@ -36,7 +36,7 @@ from backupd.storage.s3 import (
     StreamingUpload,
     stream_part_size,
 )
-from backupd.storage.s3.multipart import READ_CAP, _FileRange
+from backupd.storage.s3.multipart import READ_CAP, FileRange
 from tests.conftest import (
     PASSWORD,
     S3_ENV,
@@ -128,14 +128,14 @@ def test_file_range_is_a_seekable_body_of_its_bytes_only(tmp_path: Path) -> None
     path = tmp_path / "f"
     path.write_bytes(data)
     with path.open("rb") as fh:
-        body = _FileRange(fh.fileno(), 100, 2 * READ_CAP)
+        body = FileRange(fh.fileno(), 100, 2 * READ_CAP)
         assert body.seek(0, io.SEEK_END) == 2 * READ_CAP and body.read(10) == b""
         body.seek(0)
         assert body.read(10 * READ_CAP) == data[100:100 + READ_CAP]  # capped
         assert body.read() == data[100 + READ_CAP:100 + 2 * READ_CAP]
         body.seek(5)
         assert body.tell() == 5 and body.read(3) == data[105:108]
-        short = _FileRange(fh.fileno(), len(data) - 4, 8)  # the file ends too early
+        short = FileRange(fh.fileno(), len(data) - 4, 8)  # the file ends too early
         assert short.read(8) == data[-4:]
         with pytest.raises(OSError, match="ends before"):
             short.read(8)

@@ -27,10 +27,10 @@ from backupd import discovery
 from backupd.actions.cycle import run_cycle  # here, not in the link's thread: imports race
 from backupd.config import Config
 from backupd.errors import BackupdError, SnapshotError
-from backupd.pitr.segments import LINK_DOWN, STOPPED, SegmentMeta, SegmentWriter, recover
+from backupd.pitr.pieces import Pieces
+from backupd.pitr.segments import LINK_DOWN, OPEN, STOPPED, SegmentMeta, SegmentWriter, recover
 from backupd.pitr.store import LocalSegments, S3Segments, SegmentStore
 from backupd.replication import ReplicationStream
-from backupd.storage import layout
 
 log = structlog.get_logger("backupd.pitr")
 
@@ -195,20 +195,17 @@ class Link:
 
     # -- uploads -------------------------------------------------------------------------
 
-    def _upload_part(self, remote: S3Segments,
-                     done: tuple[str, int] | None) -> tuple[str, int] | None:
-        """The open segment's durable part, when it grew since the last time."""
+    def _upload_piece(self, remote: S3Segments, pieces: Pieces) -> None:
+        """What the open segment made durable since the last piece, if anything."""
         writer = self._writer
-        part = writer.partial if writer is not None else None
-        if part is None or (part.stem, part.size) == done:
-            return done
         try:
-            remote.put_part(self.local.dir / (part.stem + layout.SEGMENT_OPEN_EXT), part)
+            piece = pieces.next(writer.partial if writer is not None else None)
+            if piece is not None:
+                remote.put_part(*piece)
+                pieces.uploaded()
         except BackupdError as exc:
             log.warning("pitr_part_upload_failed", error=str(exc), retry_in=
                         self.config.pitr.upload_interval)
-            return done
-        return part.stem, part.size
 
     def _upload_loop(self) -> None:
         """Each closed segment to S3, and every upload_interval whatever is not there yet
@@ -218,7 +215,7 @@ class Link:
         remote = S3Segments(S3Storage(self.config.s3, self.env))
         catch_up = True
         interval = self.config.pitr.upload_interval
-        parted: tuple[str, int] | None = None
+        pieces = Pieces(self.local.dir)
         last_part = time.monotonic()
         while True:
             try:
@@ -228,7 +225,7 @@ class Link:
                 catch_up = True
             if time.monotonic() - last_part >= interval and not self.stop.is_set():
                 last_part = time.monotonic()
-                parted = self._upload_part(remote, parted)
+                self._upload_piece(remote, pieces)
             if item is None and self.stop.is_set():
                 try:  # the last segments, closed as backupd stops
                     upload_missing(self.local, remote)
@@ -250,7 +247,7 @@ class Link:
 
 def upload_missing(local: LocalSegments, remote: SegmentStore) -> list[str]:
     """Put every local segment the remote store lacks; their stems."""
-    there = {m.stem for m in remote.listing().segments}
+    there = {m.stem for m in remote.listing().segments if m.ended != OPEN}  # not pieces
     done = []
     for meta in local.listing().segments:
         if meta.stem not in there:

@@ -34,8 +34,8 @@ from backupd.fsio import atomic_file, write_all
 from backupd.manifest import Manifest
 from backupd.pipeline import pack
 from backupd.pitr import windows
-from backupd.pitr.segments import SegmentMeta
-from backupd.pitr.store import SegmentListing, SegmentStore, stores
+from backupd.pitr.segments import OPEN, SegmentMeta
+from backupd.pitr.store import SegmentListing, SegmentStore, covers, stores
 from backupd.rdb_keys import KeySampler
 from backupd.storage.base import Storage
 from backupd.storage.local import LocalStorage
@@ -105,7 +105,10 @@ def find(config: Config, location: str | None, env: Mapping[str, str] | None) ->
                 bases[manifest.id] = (m, s, (*locs, storage.name))
             else:
                 bases[manifest.id] = (manifest, storage, (storage.name,))
-    ordered = sorted(metas.values(), key=lambda m: (m.replid, m.first_offset))
+    closed = [m for m in metas.values() if m.ended != OPEN]
+    ordered = sorted((m for m in metas.values()  # a piece in S3 of a segment closed locally
+                      if m.ended != OPEN or not any(covers(c, m) for c in closed)),
+                     key=lambda m: (m.replid, m.first_offset))
     return Found(ordered, where, sizes, bases, broken)
 
 

@@ -48,7 +48,7 @@ ROTATED = "rotated"
 LINK_DOWN = "link down"
 RESTARTED = "backupd restart"
 STOPPED = "backupd stopped"
-OPEN = "open"  # the durable part of the open segment, as uploaded every pitr.upload_interval
+OPEN = "open"  # a piece of the open segment's durable part, uploaded every pitr.upload_interval
 
 
 def stamp(second: int) -> bytes:
@@ -75,6 +75,7 @@ class SegmentMeta:
     # where it starts in the file (a restore cuts there without parsing the stream).
     stamps: list[list[int]] = field(default_factory=list)
     format: int = FORMAT
+    segment: str = ""  # a piece (ended OPEN): the stem of the open segment it continues
 
     @property
     def stem(self) -> str:
@@ -111,8 +112,11 @@ def parse_meta(data: bytes, name: str) -> SegmentMeta:
                 isinstance(st, list) and len(st) == 3 and all(type(v) is int for v in st)
                 for st in stamps):
             raise ValueError("field 'stamps' is not a list of [second, offset, position]")
+        if type(raw.get("segment", "")) is not str:
+            raise ValueError("field 'segment' is not text")
         meta = SegmentMeta(**{k: raw[k] for k in (*ints, "replid", "sha256", "base",
-                                                    "ended", "format", "stamps")})
+                                                    "ended", "format", "stamps")},
+                           segment=raw.get("segment", ""))
     except (ValueError, TypeError) as exc:
         raise IntegrityError(f"segment metadata {name}: {exc}") from None
     if meta.meta_name != name or meta.last_offset < meta.first_offset - 1:

@@ -133,20 +133,20 @@ class S3Segments:
         return found
 
     def listing(self) -> SegmentListing:
-        """Closed segments, and the uploaded part of an open one where no closed one of the
-        same name exists (it ends the window there)."""
+        """Closed segments, and the uploaded pieces of an open one that no closed segment
+        covers (they end the window where the last one ends)."""
         out = SegmentListing()
         keys = self._keys()
-        closed = {n[:-len(layout.SEGMENT_META_EXT)] for n in keys
-                  if _ext(n) == layout.SEGMENT_META_EXT}
-        metas = [n for n in keys if _ext(n) == layout.SEGMENT_META_EXT or (
-            _ext(n) == layout.SEGMENT_PART_META_EXT
-            and n[:-len(layout.SEGMENT_PART_META_EXT)] not in closed)]
+        metas = [n for n in keys
+                 if _ext(n) in (layout.SEGMENT_META_EXT, layout.SEGMENT_PART_META_EXT)]
         with ThreadPoolExecutor(max_workers=META_READERS) as pool:
             results = list(pool.map(self._read_meta, metas))
+        closed = [m for m in results if isinstance(m, SegmentMeta) and m.ended != OPEN]
         for name, got in zip(metas, results, strict=True):
             if isinstance(got, str):
                 out.broken[name] = got
+            elif got.ended == OPEN and any(covers(c, got) for c in closed):
+                continue  # its segment closed: the piece is a leftover
             elif got.data_name not in keys:
                 out.broken[name] = f"{got.data_name} is missing"
             else:
@@ -191,46 +191,67 @@ class S3Segments:
         if meta.ended != OPEN:
             self._forget_part(meta)
 
-    def put_part(self, opened: Path, meta: SegmentMeta) -> None:
-        """The durable part of the open segment (`meta.size` bytes of `opened`), then its
-        metadata: a restore from the bucket alone then reaches this far."""
+    def put_part(self, opened: Path, start: int, meta: SegmentMeta) -> None:
+        """A piece of the open segment (`meta.size` bytes of `opened` from `start`, streamed
+        from the file), then its metadata: a restore from the bucket alone reaches this far."""
+        from backupd.storage.s3.multipart import FileRange
+
         s3 = self._s3
         key = self.prefix + meta.data_name
+        args: dict[str, Any] = s3.object_args(meta.base, meta.sha256)
         try:
             with open(opened, "rb") as fh:
-                data = fh.read(meta.size)
-        except OSError as exc:
-            raise StorageError(f"cannot read segment {opened}: {exc.strerror}") from None
-        if len(data) != meta.size:
-            raise StorageError(f"segment {meta.stem} is shorter than its durable part")
-        args = s3.object_args(meta.base, meta.sha256)
-        try:
-            s3.client.put_object(Bucket=s3.bucket, Key=key, Body=data, **args)
+                body: dict[str, Any] = {"Body": FileRange(fh.fileno(), start, meta.size),
+                                        "ContentLength": meta.size}
+                s3.client.put_object(Bucket=s3.bucket, Key=key, **body, **args)
             s3.client.put_object(Bucket=s3.bucket, Key=self.prefix + meta.meta_name,
                                  Body=meta.to_json(), ContentType="application/json",
                                  **{k: v for k, v in args.items() if k != "Metadata"})
+        except OSError as exc:
+            raise StorageError(f"cannot read segment {opened}: {exc.strerror or exc}") from None
         except _boto_errors() as exc:
-            raise s3.reasons.error(f"upload of the open segment {meta.stem} failed", exc,
+            raise s3.reasons.error(f"upload of the open segment {meta.segment} failed", exc,
                                    key) from None
 
-    def _forget_part(self, meta: SegmentMeta) -> None:
-        """The part of a segment now closed in the bucket (best effort: it no longer counts)."""
+    def _forget_part(self, meta: SegmentMeta, keys: Iterable[str] | None = None) -> None:
+        """The pieces of a segment now closed in the bucket (best effort: they no longer
+        count once it is there)."""
         s3 = self._s3
-        for ext in (layout.SEGMENT_PART_META_EXT, layout.SEGMENT_PART_EXT):
-            with contextlib.suppress(*_boto_errors()):
-                s3.client.delete_object(Bucket=s3.bucket, Key=self.prefix + meta.stem + ext)
+        try:
+            names = list(self._keys()) if keys is None else keys
+        except StorageError:
+            return
+        for name in names:
+            parsed = layout.segment_of(name)
+            if parsed is None or parsed[2] not in (layout.SEGMENT_PART_META_EXT,
+                                                   layout.SEGMENT_PART_EXT):
+                continue
+            if parsed[0] == meta.replid and meta.first_offset <= parsed[1] <= max(
+                    meta.first_offset, meta.last_offset):
+                with contextlib.suppress(*_boto_errors()):
+                    s3.client.delete_object(Bucket=s3.bucket, Key=self.prefix + name)
 
     def delete_segments(self, metas: Iterable[SegmentMeta]) -> list[str]:
         s3 = self._s3
         failed = []
+        try:
+            keys = list(self._keys())
+        except StorageError:
+            keys = []  # pieces left over: hidden by their closed segment, or baseless
         for meta in metas:
             try:
                 for name in (meta.meta_name, meta.data_name):
                     s3.client.delete_object(Bucket=s3.bucket, Key=self.prefix + name)
-                self._forget_part(meta)
+                self._forget_part(meta, keys)
             except _boto_errors():
                 failed.append(meta.stem)
         return failed
+
+
+def covers(closed: SegmentMeta, piece: SegmentMeta) -> bool:
+    """The closed segment holds the piece's bytes (the piece then no longer counts)."""
+    return closed.replid == piece.replid and closed.first_offset <= piece.first_offset <= max(
+        closed.first_offset, closed.last_offset)
 
 
 def _ext(name: str) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from backupd.manifest import Manifest
-from backupd.pitr.segments import ROTATED, SegmentMeta
+from backupd.pitr.segments import OPEN, ROTATED, SegmentMeta
 
 GAP_REASONS = {"link down": "link down", "backupd restart": "backupd restarted",
                "backupd stopped": "backupd stopped"}
@@ -97,7 +97,7 @@ def _chain(base: Manifest, segs: list[SegmentMeta],
             break
         if lo is None:
             lo = seg.first_time + 1
-        elif previous is not None and previous.ended != ROTATED and seg.first_time > hi:
+        elif previous is not None and not _continues(previous, seg) and seg.first_time > hi:
             why = GAP_REASONS.get(previous.ended, previous.ended)
             chain.gaps.append(Gap(hi, seg.first_time + 1, why))
             if lo <= hi:
@@ -110,6 +110,13 @@ def _chain(base: Manifest, segs: list[SegmentMeta],
     if lo is not None and lo <= hi:
         chain.pieces.append((lo, hi))
     return chain
+
+
+def _continues(previous: SegmentMeta, seg: SegmentMeta) -> bool:
+    """No gap between them: a rotation, or the next uploaded piece of the same open segment."""
+    return previous.ended == ROTATED or (
+        previous.ended == seg.ended == OPEN and bool(seg.segment)
+        and seg.segment == previous.segment)
 
 
 def pick(found: Sequence[Chain], moment: int) -> Chain | None:

@@ -142,11 +142,12 @@ def parse_upload_orphan_name(text: str) -> tuple[str, str] | None:
 #     <replid>-<first offset, 20 digits>.json      its metadata: written last, the commit marker
 #     <replid>-<first offset, 20 digits>.open      (local) the segment being written
 #     <replid>-<first offset, 20 digits>.progress  (local) its durable length and offset
-#     <replid>-<first offset, 20 digits>.part      (S3) the open segment's durable part so far
+#     <replid>-<first offset, 20 digits>.part      (S3) a piece of the open segment: the bytes
+#                                                  made durable since the previous piece
 #     <replid>-<first offset, 20 digits>.part.json (S3) its metadata, written after it
 #
 # A `.resp` without its `.json` is never a segment: an open or interrupted one. A `.part`
-# counts only while no `.json` of the same segment exists.
+# counts only while no closed segment (`.json`) of the same replid covers its first offset.
 
 SEGMENT_DIR = "pitr"
 SEGMENT_DATA_EXT = ".resp"

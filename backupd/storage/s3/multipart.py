@@ -41,7 +41,7 @@ def part_size(size: int) -> int:
 
 STREAM_WORKERS = 3  # parts in flight while packing; each reads from the file, not from memory
 PARTS_PER_SIZE = 1000  # the part size doubles every 1000 parts (the total size is not known)
-READ_CAP = 64 * 1024  # per read() of a part's body, see _FileRange
+READ_CAP = 64 * 1024  # per read() of a part's body, see FileRange
 MIN_RATE = MiB  # bytes/s: a part slower than this (beyond the client's timeouts) has failed
 
 
@@ -52,7 +52,7 @@ def stream_part_size(number: int) -> int:
     return MIN_PART_SIZE << ((number - 1) // PARTS_PER_SIZE)
 
 
-class _FileRange(RawReader):
+class FileRange(RawReader):
     """Bytes [start, start + length) of an open file as a seekable request body, read with
     pread: botocore hashes, signs, sends and (on a retry) resends it without ever holding the
     part in memory, and without moving the file's offset under the writer. Reads return at
@@ -257,7 +257,7 @@ class StreamingUpload:
         try:
             upload_id = self._create()
             algorithm = CHECKSUMS[storage.cfg.checksum]
-            body = _FileRange(self._fd, start, length)
+            body = FileRange(self._fd, start, length)
             args: dict[str, Any] = {"Bucket": storage.bucket, "Key": self._key,
                                     "UploadId": upload_id, "PartNumber": number,
                                     "Body": body, "ContentLength": length}
