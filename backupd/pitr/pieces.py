@@ -8,7 +8,6 @@ the segment, once closed and uploaded, covers them and they are deleted.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -69,20 +68,14 @@ class Pieces:
 
 
 def _hash_range(path: Path, start: int, length: int, hashers: tuple[Any, ...]) -> None:
+    """Bytes [start, start + length) of `path` into every hasher, read as they are uploaded."""
+    from backupd.storage.s3.multipart import FileRange
+
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        with open(path, "rb") as fh:
+            body = FileRange(fh.fileno(), start, length)
+            while data := body.read(CHUNK):
+                for hasher in hashers:
+                    hasher.update(data)
     except OSError as exc:
-        raise StorageError(f"cannot read segment {path}: {exc.strerror}") from None
-    try:
-        pos, end = start, start + length
-        while pos < end:
-            data = os.pread(fd, min(CHUNK, end - pos), pos)
-            if not data:
-                raise StorageError(f"segment {path} is shorter than its durable part")
-            for hasher in hashers:
-                hasher.update(data)
-            pos += len(data)
-    except OSError as exc:
-        raise StorageError(f"cannot read segment {path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
+        raise StorageError(f"cannot read segment {path}: {exc.strerror or exc}") from None

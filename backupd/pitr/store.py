@@ -218,16 +218,14 @@ class S3Segments:
         count once it is there)."""
         s3 = self._s3
         try:
-            names = list(self._keys()) if keys is None else keys
+            names = self._keys() if keys is None else keys
         except StorageError:
             return
         for name in names:
             parsed = layout.segment_of(name)
-            if parsed is None or parsed[2] not in (layout.SEGMENT_PART_META_EXT,
-                                                   layout.SEGMENT_PART_EXT):
-                continue
-            if parsed[0] == meta.replid and meta.first_offset <= parsed[1] <= max(
-                    meta.first_offset, meta.last_offset):
+            if parsed is not None and parsed[2] in (
+                    layout.SEGMENT_PART_META_EXT, layout.SEGMENT_PART_EXT) and _holds(
+                    meta, parsed[0], parsed[1]):
                 with contextlib.suppress(*_boto_errors()):
                     s3.client.delete_object(Bucket=s3.bucket, Key=self.prefix + name)
 
@@ -250,7 +248,11 @@ class S3Segments:
 
 def covers(closed: SegmentMeta, piece: SegmentMeta) -> bool:
     """The closed segment holds the piece's bytes (the piece then no longer counts)."""
-    return closed.replid == piece.replid and closed.first_offset <= piece.first_offset <= max(
+    return _holds(closed, piece.replid, piece.first_offset)
+
+
+def _holds(closed: SegmentMeta, replid: str, offset: int) -> bool:
+    return closed.replid == replid and closed.first_offset <= offset <= max(
         closed.first_offset, closed.last_offset)
 
 
